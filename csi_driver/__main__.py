@@ -1,0 +1,27 @@
+"""Entry point: `python -m csi_driver` / `thinloop-csi`."""
+
+from __future__ import annotations
+
+import sys
+
+from .config import SettingsError, parse_settings
+from .logsetup import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        print(f"thinloop-csi: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    from .server import StartupError, serve
+    try:
+        return serve(settings)
+    except StartupError as exc:
+        print(f"thinloop-csi: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Driver settings, built once from command-line flags and environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TOPOLOGY_KEY = "topology.thinloop.csi.io/node"
+DEFAULT_DRIVER_NAME = "thinloop.csi.io"
+DEFAULT_ENDPOINT = "unix:///run/thinloop/csi.sock"
+DEFAULT_DATA_DIR = "/var/lib/thinloop"
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+MODES = ("all", "controller", "node")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable holds a value the driver cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the driver is told at start-up. Immutable after parsing."""
+
+    socket_path: Path
+    """Filesystem path of the unix socket the gRPC server listens on."""
+    node_id: str
+    """This node's identity; also the value of the topology key."""
+    data_dir: Path
+    """Root of the on-disk volume and snapshot store."""
+    driver_name: str = DEFAULT_DRIVER_NAME
+    """Name reported by GetPluginInfo; the StorageClass provisioner."""
+    mode: str = "all"
+    """Which services run: all, controller (no file access) or node."""
+    log_level: str = "info"
+    """Minimum level of log records written to stderr."""
+    log_format: str = "text"
+    """Log line format: text for people, json for collectors."""
+    overcommit_ratio: float = 1.0
+    """How far thin promises may exceed free space; 1.0 means not at all."""
+    max_volumes_per_node: int = 0
+    """Reported in NodeGetInfo; 0 means no limit."""
+    kubelet_dir: Path = Path(DEFAULT_KUBELET_DIR)
+    """Staging and target paths must lie below this directory."""
+    metrics_address: str = ""
+    """host:port for the Prometheus endpoint; empty disables it."""
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def runs_controller(self) -> bool:
+        return self.mode in ("all", "controller")
+
+    @property
+    def runs_node(self) -> bool:
+        return self.mode in ("all", "node")
+
+    @property
+    def touches_files(self) -> bool:
+        """Controller-only mode must never touch volume files: they live on the nodes."""
+        return self.mode != "controller"
+
+
+def socket_path_from_endpoint(endpoint: str) -> Path:
+    """Accept unix:///abs/path (or a bare absolute path) and return the path."""
+    if endpoint.startswith("unix://"):
+        raw = endpoint[len("unix://"):]
+    elif "://" in endpoint:
+        raise SettingsError(f"--endpoint {endpoint!r}: only unix:// endpoints are supported")
+    else:
+        raw = endpoint
+    if not raw.startswith("/"):
+        raise SettingsError(f"--endpoint {endpoint!r}: the socket path must be absolute")
+    return Path(raw)
+
+
+def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    def env(name: str, default: str) -> str:
+        return environ.get(f"THINLOOP_{name}", default)
+
+    p = argparse.ArgumentParser(
+        prog="thinloop-csi",
+        description="thinloop CSI driver: thin loopback-file volumes. "
+        "Every flag can also be set with the THINLOOP_<FLAG> environment variable "
+        "(upper case, dashes as underscores).",
+    )
+    p.add_argument("--endpoint", default=env("ENDPOINT", DEFAULT_ENDPOINT),
+                   help="unix:///path/to/csi.sock")
+    p.add_argument("--node-id", default=env("NODE_ID", ""),
+                   help="node identity (default: the host name)")
+    p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR))
+    p.add_argument("--driver-name", default=env("DRIVER_NAME", DEFAULT_DRIVER_NAME))
+    p.add_argument("--mode", default=env("MODE", "all"), help="all | controller | node")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    p.add_argument("--log-format", default=env("LOG_FORMAT", "text"), help="text | json")
+    p.add_argument("--overcommit-ratio", default=env("OVERCOMMIT_RATIO", "1.0"))
+    p.add_argument("--max-volumes-per-node", default=env("MAX_VOLUMES_PER_NODE", "0"))
+    p.add_argument("--kubelet-dir", default=env("KUBELET_DIR", DEFAULT_KUBELET_DIR))
+    p.add_argument("--metrics-address", default=env("METRICS_ADDRESS", ""),
+                   help="host:port serving Prometheus metrics (off when empty)")
+    return p
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse flags over environment defaults; raise SettingsError with one clear line."""
+    environ = os.environ if environ is None else environ
+    ns = _build_parser(environ).parse_args(list(argv))
+    mode = ns.mode.lower()
+    if mode not in MODES:
+        raise SettingsError(f"--mode {ns.mode!r}: expected one of {', '.join(MODES)}")
+    level = ns.log_level.lower()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"--log-level {ns.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    fmt = ns.log_format.lower()
+    if fmt not in LOG_FORMATS:
+        raise SettingsError(f"--log-format {ns.log_format!r}: expected text or json")
+    try:
+        ratio = float(ns.overcommit_ratio)
+    except ValueError:
+        raise SettingsError(f"--overcommit-ratio {ns.overcommit_ratio!r}: not a number") from None
+    if not ratio >= 1.0 or ratio == float("inf"):
+        raise SettingsError(f"--overcommit-ratio {ns.overcommit_ratio!r}: must be a finite number >= 1.0")
+    try:
+        max_vols = int(ns.max_volumes_per_node)
+    except ValueError:
+        raise SettingsError(f"--max-volumes-per-node {ns.max_volumes_per_node!r}: not an integer") from None
+    if max_vols < 0:
+        raise SettingsError("--max-volumes-per-node must be >= 0")
+    data_dir = Path(ns.data_dir)
+    if not data_dir.is_absolute():
+        raise SettingsError(f"--data-dir {ns.data_dir!r}: must be an absolute path")
+    kubelet_dir = Path(ns.kubelet_dir)
+    if not kubelet_dir.is_absolute():
+        raise SettingsError(f"--kubelet-dir {ns.kubelet_dir!r}: must be an absolute path")
+    driver_name = ns.driver_name
+    if not _valid_driver_name(driver_name):
+        raise SettingsError(f"--driver-name {driver_name!r}: must be a DNS-style name of at most 63 characters")
+    node_id = ns.node_id or socket.gethostname()
+    if not node_id or len(node_id) > 128 or any(c in node_id for c in "/\0\n"):
+        raise SettingsError(f"--node-id {node_id!r}: must be 1-128 characters without '/'")
+    return Settings(
+        socket_path=socket_path_from_endpoint(ns.endpoint),
+        node_id=node_id,
+        data_dir=data_dir,
+        driver_name=driver_name,
+        mode=mode,
+        log_level=level,
+        log_format=fmt,
+        overcommit_ratio=ratio,
+        max_volumes_per_node=max_vols,
+        kubelet_dir=kubelet_dir,
+        metrics_address=ns.metrics_address,
+    )
+
+
+def _valid_driver_name(name: str) -> bool:
+    if not name or len(name) > 63 or not name[0].isalnum() or not name[-1].isalnum():
+        return False
+    return all(c.isalnum() and c.isascii() or c in "-." for c in name)

@@ -1,0 +1,420 @@
+"""CSI Controller service. With distributed provisioning it runs on each node (mode all)
+and handles the volumes of that node; in mode controller it answers only what needs no
+file access (expansion requests, capability checks)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2, wrappers_pb2
+
+from .config import TOPOLOGY_KEY, Settings
+from .errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from .inflight import InFlight
+from .proto import csi_pb2, csi_pb2_grpc
+from .snapshots import Snapshots
+from .store import Entry, check_id
+from .validation import (
+    check_capabilities,
+    fits_range,
+    require,
+    resolve_params,
+    size_from_range,
+)
+from .volumes import Volumes
+
+log = logging.getLogger(__name__)
+
+Cap = csi_pb2.ControllerServiceCapability.RPC.Type
+T = TypeVar("T")
+
+NODE_CAPS = (
+    Cap.CREATE_DELETE_VOLUME, Cap.CREATE_DELETE_SNAPSHOT, Cap.LIST_SNAPSHOTS, Cap.GET_SNAPSHOT,
+    Cap.CLONE_VOLUME, Cap.EXPAND_VOLUME, Cap.LIST_VOLUMES, Cap.GET_CAPACITY, Cap.GET_VOLUME,
+    Cap.VOLUME_CONDITION, Cap.LIST_VOLUMES_PUBLISHED_NODES, Cap.SINGLE_NODE_MULTI_WRITER,
+    Cap.MODIFY_VOLUME,
+)
+CONTROLLER_ONLY_CAPS = (Cap.EXPAND_VOLUME, Cap.SINGLE_NODE_MULTI_WRITER)
+
+
+def encode_token(next_id: str) -> str:
+    return next_id.encode().hex()
+
+
+def decode_token(token: str) -> str:
+    try:
+        value = bytes.fromhex(token).decode()
+        return check_id(value, "starting_token")
+    except (ValueError, InvalidArgument):
+        raise Aborted(f"starting_token {token[:60]!r} is not one this driver issued") from None
+
+
+def paginate(ids: Sequence[str], max_entries: int, token: str) -> tuple[list[str], str]:
+    """A page of sorted ids starting at the token's id, and the token of the next page.
+    Tokens name an id rather than an offset, so deletions between pages skip nothing."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    start = 0
+    if token:
+        first = decode_token(token)
+        start = next((i for i, v in enumerate(ids) if v >= first), len(ids))
+    end = len(ids) if max_entries == 0 else min(len(ids), start + max_entries)
+    next_token = encode_token(ids[end]) if end < len(ids) else ""
+    return list(ids[start:end]), next_token
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, settings: Settings, volumes: Volumes | None, snapshots: Snapshots | None,
+                 inflight: InFlight) -> None:
+        self.settings = settings
+        self._volumes = volumes
+        self._snapshots = snapshots
+        self.inflight = inflight
+
+    # Both are None in controller-only mode; RPCs that need files say so.
+    @property
+    def volumes(self) -> Volumes:
+        if self._volumes is None:
+            raise_unimplemented("this RPC needs the node's files; it is served by the node plugin")
+        assert self._volumes is not None
+        return self._volumes
+
+    @property
+    def snapshots(self) -> Snapshots:
+        if self._snapshots is None:
+            raise_unimplemented("snapshots are served by the node plugin")
+        assert self._snapshots is not None
+        return self._snapshots
+
+    def topology(self) -> csi_pb2.Topology:
+        return csi_pb2.Topology(segments={TOPOLOGY_KEY: self.settings.node_id})
+
+    def _volume_msg(self, entry: Entry) -> csi_pb2.Volume:
+        meta = entry.meta
+        ctx = {"diskformat": meta.diskformat, "reclaim": meta.reclaim}
+        if meta.fs_type:
+            ctx["fsType"] = meta.fs_type
+        vol = csi_pb2.Volume(volume_id=entry.id, capacity_bytes=entry.size_bytes(),
+                             volume_context=ctx, accessible_topology=[self.topology()])
+        if meta.source_kind == "snapshot":
+            vol.content_source.snapshot.snapshot_id = meta.source_id
+        elif meta.source_kind == "volume":
+            vol.content_source.volume.volume_id = meta.source_id
+        return vol
+
+    # -- volumes --------------------------------------------------------------------------
+
+    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+                     ) -> csi_pb2.CreateVolumeResponse:
+        require(request.name, "name")
+        volume_id = check_id(request.name, "name")
+        params = resolve_params(request.parameters, request.volume_capabilities)
+        if request.mutable_parameters:
+            self._check_mutable(request.mutable_parameters)
+        size = size_from_range(request.capacity_range if request.HasField("capacity_range") else None,
+                               params.fs_type)
+        self._check_topology(request)
+        source_kind, source_id = "", ""
+        if request.HasField("volume_content_source"):
+            source_kind = request.volume_content_source.WhichOneof("type") or ""
+            if source_kind == "snapshot":
+                source_id = check_id(request.volume_content_source.snapshot.snapshot_id, "snapshot_id")
+            elif source_kind == "volume":
+                source_id = check_id(request.volume_content_source.volume.volume_id, "source volume_id")
+            else:
+                raise InvalidArgument("volume_content_source has no snapshot or volume")
+        with self.inflight.hold(f"vol:{volume_id}", f"{source_kind}:{source_id}" if source_id else ""):
+            existing = self.volumes.store.volumes.get(volume_id)
+            if existing is not None:
+                self._check_compatible(existing, request, params)
+                return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(existing))
+            source = None
+            if source_kind == "snapshot":
+                snap = self.snapshots.get(source_id)
+                source = ("snapshot", snap)
+            elif source_kind == "volume":
+                source = ("volume", self.volumes.get(source_id))
+            if source is not None:
+                self._check_source(source[1], size, params)
+            entry = self.volumes.create(volume_id, size, params, source=source,
+                                        parameters=dict(request.parameters))
+            return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(entry))
+
+    def _check_topology(self, request: csi_pb2.CreateVolumeRequest) -> None:
+        req = request.accessibility_requirements
+        terms = list(req.requisite) or list(req.preferred)
+        if not terms:
+            return
+        for topo in terms:
+            if topo.segments.get(TOPOLOGY_KEY) == self.settings.node_id:
+                return
+        from .errors import ResourceExhausted
+        raise ResourceExhausted(
+            f"this driver instance serves node {self.settings.node_id}, which is not among the "
+            "requested topologies")
+
+    def _check_source(self, source: Entry, size: int, params: object) -> None:
+        src_size = source.size_bytes()
+        if size < src_size:
+            raise OutOfRange(f"requested {size} bytes is smaller than the source's {src_size} bytes")
+        src_fs = source.meta.fs_type
+        fs = getattr(params, "fs_type", "")
+        if fs and src_fs and fs != src_fs:
+            raise InvalidArgument(f"the source holds {src_fs}; a copy cannot be {fs}")
+
+    def _check_compatible(self, existing: Entry, request: csi_pb2.CreateVolumeRequest,
+                          params: object) -> None:
+        meta = existing.meta
+        problems = []
+        size = existing.size_bytes()
+        if not fits_range(size, request.capacity_range if request.HasField("capacity_range") else None):
+            problems.append(f"its size is {size} bytes")
+        fs = getattr(params, "fs_type", "")
+        if fs != meta.fs_type:
+            problems.append(f"it holds {meta.fs_type or 'no filesystem'}")
+        if getattr(params, "diskformat", "") != meta.diskformat:
+            problems.append(f"its diskformat is {meta.diskformat}")
+        kind = ""
+        src = ""
+        if request.HasField("volume_content_source"):
+            kind = request.volume_content_source.WhichOneof("type") or ""
+            src = (request.volume_content_source.snapshot.snapshot_id if kind == "snapshot"
+                   else request.volume_content_source.volume.volume_id)
+        if (kind, src) != (meta.source_kind, meta.source_id):
+            problems.append("it was made from a different source")
+        if problems:
+            raise AlreadyExists(f"volume {existing.id} already exists and differs: {'; '.join(problems)}")
+
+    def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+                     ) -> csi_pb2.DeleteVolumeResponse:
+        require(request.volume_id, "volume_id")
+        try:
+            volume_id = check_id(request.volume_id, "volume_id")
+        except InvalidArgument:
+            return csi_pb2.DeleteVolumeResponse()  # no such id can exist: already gone
+        with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.store.volumes.get(volume_id)
+            if entry is not None:
+                self.volumes.remove(entry)
+            return csi_pb2.DeleteVolumeResponse()
+
+    def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
+                                   context: grpc.ServicerContext
+                                   ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        entry = self.volumes.get(volume_id) if self._volumes is not None else None
+        try:
+            kinds = check_capabilities(request.volume_capabilities)
+        except InvalidArgument as exc:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
+        if entry is not None:
+            fs = entry.meta.fs_type
+            for cap in request.volume_capabilities:
+                want = cap.mount.fs_type if cap.WhichOneof("access_type") == "mount" else ""
+                if want and fs and want != fs:
+                    return csi_pb2.ValidateVolumeCapabilitiesResponse(
+                        message=f"volume holds {fs}, not {want}")
+            if "mount" in kinds and entry.meta.parameters.get("access_type") == "block":
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(
+                    message="volume was created for raw block access only")
+        if request.parameters:
+            try:
+                resolve_params(request.parameters, request.volume_capabilities)
+            except InvalidArgument as exc:
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+            mutable_parameters=request.mutable_parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    def _list_entry(self, entry: Entry) -> csi_pb2.ListVolumesResponse.Entry:
+        usage = self.volumes.usage(entry)
+        problems = self.volumes.health(entry, usage)
+        status = csi_pb2.ListVolumesResponse.VolumeStatus(
+            published_node_ids=[self.settings.node_id] if usage.in_use else [],
+            volume_condition=csi_pb2.VolumeCondition(abnormal=bool(problems),
+                                                     message="; ".join(problems) or "healthy"),
+        )
+        return csi_pb2.ListVolumesResponse.Entry(volume=self._volume_msg(entry), status=status)
+
+    def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+                    ) -> csi_pb2.ListVolumesResponse:
+        # Read-only: no in-flight guard; a directory scan is a consistent-enough view because
+        # objects appear and vanish by atomic renames.
+        ids, token = paginate(self.volumes.store.volumes.ids(), request.max_entries,
+                              request.starting_token)
+        entries = []
+        for vid in ids:
+            entry = self.volumes.store.volumes.get(vid)
+            if entry is not None:
+                entries.append(self._list_entry(entry))
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=token)
+
+    def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.ControllerGetVolumeResponse:
+        require(request.volume_id, "volume_id")
+        entry = self.volumes.get(check_id(request.volume_id, "volume_id"))
+        item = self._list_entry(entry)
+        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+            published_node_ids=item.status.published_node_ids,
+            volume_condition=item.status.volume_condition)
+        return csi_pb2.ControllerGetVolumeResponse(volume=item.volume, status=status)
+
+    def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
+                    ) -> csi_pb2.GetCapacityResponse:
+        if request.HasField("accessible_topology"):
+            node = request.accessible_topology.segments.get(TOPOLOGY_KEY)
+            if node != self.settings.node_id:
+                return csi_pb2.GetCapacityResponse(available_capacity=0)
+        if request.volume_capabilities:
+            check_capabilities(request.volume_capabilities)
+        available = self.volumes.available_bytes()
+        return csi_pb2.GetCapacityResponse(
+            available_capacity=available,
+            maximum_volume_size=wrappers_pb2.Int64Value(value=available),
+            minimum_volume_size=wrappers_pb2.Int64Value(value=1 << 20),
+        )
+
+    def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
+                                  context: grpc.ServicerContext
+                                  ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        caps = NODE_CAPS if self.settings.touches_files else CONTROLLER_ONLY_CAPS
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=c))
+            for c in caps])
+
+    def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
+                               context: grpc.ServicerContext
+                               ) -> csi_pb2.ControllerExpandVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        if request.HasField("volume_capability"):
+            check_capabilities([request.volume_capability])
+        if self._volumes is None:
+            # Controller-only: the node grows image and filesystem; nothing to touch here.
+            size = size_from_range(request.capacity_range, "")
+            return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
+                                                          node_expansion_required=True)
+        entry = self.volumes.get(volume_id)
+        current = entry.size_bytes()
+        size = size_from_range(request.capacity_range, entry.meta.fs_type, current=current)
+        if size < current:
+            raise OutOfRange(f"volume {volume_id} is {current} bytes; shrinking to {size} is not supported")
+        if size > current:
+            self.volumes.check_room(size - current, f"growing volume {volume_id}")
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+
+    def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
+                               context: grpc.ServicerContext
+                               ) -> csi_pb2.ControllerModifyVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        changes = self._check_mutable(request.mutable_parameters)
+        with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.get(volume_id)
+            self.volumes.modify(entry, changes)
+        return csi_pb2.ControllerModifyVolumeResponse()
+
+    @staticmethod
+    def _check_mutable(params: "dict[str, str] | object") -> dict[str, str]:
+        from .validation import DISKFORMATS, RECLAIM_MODES
+        values = dict(params)  # type: ignore[call-overload]
+        allowed = {"diskformat": DISKFORMATS, "reclaim": RECLAIM_MODES}
+        bad = sorted(k for k in values if k not in allowed)
+        if bad:
+            raise InvalidArgument(
+                f"parameter(s) {', '.join(repr(k) for k in bad)} cannot be changed on a live volume; "
+                "mutable: diskformat, reclaim")
+        for key, value in values.items():
+            if value not in allowed[key]:
+                raise InvalidArgument(f"{key} {value!r} is not one of {', '.join(allowed[key])}")
+        return values
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def CreateSnapshot(self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+                       ) -> csi_pb2.CreateSnapshotResponse:
+        require(request.name, "name")
+        snap_id = check_id(request.name, "name")
+        require(request.source_volume_id, "source_volume_id")
+        source_id = check_id(request.source_volume_id, "source_volume_id")
+        if request.parameters:
+            raise InvalidArgument(
+                f"unknown snapshot parameter(s) {', '.join(sorted(request.parameters))}; none are accepted")
+        with self.inflight.hold(f"snapshot:{snap_id}", f"vol:{source_id}"):
+            entry = self.snapshots.create(snap_id, source_id)
+        return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(entry))
+
+    def _snapshot_msg(self, entry: Entry) -> csi_pb2.Snapshot:
+        created = timestamp_pb2.Timestamp()
+        created.FromNanoseconds(int(entry.meta.created * 1e9))
+        return csi_pb2.Snapshot(snapshot_id=entry.id, source_volume_id=entry.meta.source_id,
+                                size_bytes=entry.size_bytes(), creation_time=created,
+                                ready_to_use=True)
+
+    def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+                       ) -> csi_pb2.DeleteSnapshotResponse:
+        require(request.snapshot_id, "snapshot_id")
+        try:
+            snap_id = check_id(request.snapshot_id, "snapshot_id")
+        except InvalidArgument:
+            return csi_pb2.DeleteSnapshotResponse()
+        with self.inflight.hold(f"snapshot:{snap_id}"):
+            self.snapshots.delete(snap_id)
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+                      ) -> csi_pb2.ListSnapshotsResponse:
+        coll = self.snapshots.store.snapshots
+        if request.snapshot_id:
+            entry = _maybe(lambda: coll.get(request.snapshot_id))
+            entries = [entry] if entry is not None else []
+            if request.source_volume_id:
+                entries = [e for e in entries if e.meta.source_id == request.source_volume_id]
+            return csi_pb2.ListSnapshotsResponse(
+                entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(e)) for e in entries])
+        ids = coll.ids()
+        if request.source_volume_id:
+            wanted = request.source_volume_id
+            ids = [i for i in ids if (e := coll.get(i)) is not None and e.meta.source_id == wanted]
+        page, token = paginate(ids, request.max_entries, request.starting_token)
+        out = []
+        for sid in page:
+            entry = coll.get(sid)
+            if entry is not None:
+                out.append(csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(entry)))
+        return csi_pb2.ListSnapshotsResponse(entries=out, next_token=token)
+
+    def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+                    ) -> csi_pb2.GetSnapshotResponse:
+        require(request.snapshot_id, "snapshot_id")
+        entry = self.snapshots.get(check_id(request.snapshot_id, "snapshot_id"))
+        return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_msg(entry))
+
+
+def _maybe(fn: Callable[[], T]) -> T | None:
+    try:
+        return fn()
+    except (InvalidArgument, NotFound):
+        return None
+
+
+def raise_unimplemented(message: str) -> None:
+    from .errors import Unimplemented
+    raise Unimplemented(message)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,52 @@
+"""Domain errors. Each carries the gRPC status code it is reported with; the server's
+interceptor (csi_driver.server) is the one place that turns them into statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DriverError(Exception):
+    """An expected failure with a definite gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DriverError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DriverError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(DriverError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class OutOfRange(DriverError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ResourceExhausted(DriverError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(DriverError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(DriverError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unimplemented(DriverError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(DriverError):
+    code = grpc.StatusCode.INTERNAL

@@ -1,0 +1,287 @@
+"""The real OS layer: every call to losetup, blkid, mkfs, mount, resize2fs, xfs_growfs,
+fsfreeze, fstrim and cp goes through here and through the runner."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import shutil
+import stat
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .oslayer import LoopDevice, MountEntry
+from .runner import CommandError, Runner
+
+log = logging.getLogger(__name__)
+
+LOOP_MAJOR = 7
+LOOP_CTL_GET_FREE = 0x4C82
+BLKROSET = 0x125D
+REQUIRED_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4", "mkfs.ext3",
+                  "mkfs.xfs", "resize2fs", "e2fsck", "xfs_growfs", "fsfreeze", "fstrim", "cp")
+_ATTACH_RETRIES = 20
+
+
+def _unescape_mount_field(value: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), value)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    entries: list[MountEntry] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        tail = right.split()
+        if len(fields) < 6 or len(tail) < 2:
+            continue
+        entries.append(MountEntry(
+            mount_point=_unescape_mount_field(fields[4]),
+            root=_unescape_mount_field(fields[3]),
+            major_minor=fields[2],
+            fstype=tail[0],
+            source=_unescape_mount_field(tail[1]),
+            options=tuple(fields[5].split(",")),
+        ))
+    return entries
+
+
+class HostOS:
+    """OSLayer over the real kernel."""
+
+    def __init__(self, runner: Runner | None = None, *, dev_dir: Path = Path("/dev"),
+                 sys_block: Path = Path("/sys/block"), sector_size: int = 512) -> None:
+        self.runner = runner or Runner()
+        self.dev_dir = dev_dir
+        self.sys_block = sys_block
+        self.sector_size = sector_size
+        """Logical sector size for new loop devices, matched to the disk under the data dir."""
+        self._attach_lock = threading.Lock()
+
+    # -- loop devices -----------------------------------------------------------------
+
+    def _read_loop(self, name: str) -> LoopDevice | None:
+        base = self.sys_block / name
+        try:
+            backing = (base / "loop" / "backing_file").read_text().rstrip("\n")
+        except OSError:
+            return None  # not attached
+        def read(rel: str, default: str = "0") -> str:
+            try:
+                return (base / rel).read_text().strip()
+            except OSError:
+                return default
+        return LoopDevice(
+            device=str(self.dev_dir / name),
+            backing_file=backing,
+            major_minor=read("dev", ""),
+            direct_io=read("loop/dio") == "1",
+            readonly=read("ro") == "1",
+            size_bytes=int(read("size")) * 512,
+        )
+
+    def loop_devices(self) -> list[LoopDevice]:
+        found = []
+        try:
+            names = [n for n in os.listdir(self.sys_block) if n.startswith("loop")]
+        except OSError:
+            return []
+        for name in names:
+            dev = self._read_loop(name)
+            if dev is not None:
+                found.append(dev)
+        return found
+
+    def find_loop(self, image: Path) -> LoopDevice | None:
+        wanted = os.path.realpath(image)
+        for dev in self.loop_devices():
+            if dev.backing_file == wanted:
+                return dev
+        return None
+
+    def _ensure_node(self, index: int) -> str:
+        """Create /dev/loopN when this container's /dev lacks the node the kernel made."""
+        node = self.dev_dir / f"loop{index}"
+        try:
+            st = os.stat(node)
+            if stat.S_ISBLK(st.st_mode):
+                return str(node)
+            raise CommandError(["mknod", str(node)], 1, f"{node} exists but is not a block device")
+        except FileNotFoundError:
+            os.mknod(node, 0o660 | stat.S_IFBLK, os.makedev(LOOP_MAJOR, index))
+            log.info("created missing device node %s", node)
+            return str(node)
+
+    def _free_loop_index(self) -> int:
+        fd = os.open(self.dev_dir / "loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return int(fcntl.ioctl(fd, LOOP_CTL_GET_FREE))
+        finally:
+            os.close(fd)
+
+    def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice:
+        """Attach with direct I/O; fall back to buffered I/O when the kernel refuses it.
+        Attaches are serialised in this process; EBUSY from a racing process is retried."""
+        image_path = os.path.realpath(image)
+        with self._attach_lock:
+            existing = self.find_loop(Path(image_path))
+            if existing is not None:
+                return existing
+            direct_io = True
+            last: CommandError | None = None
+            for _ in range(_ATTACH_RETRIES):
+                device = self._ensure_node(self._free_loop_index())
+                argv = ["losetup"]
+                if direct_io:
+                    argv.append("--direct-io=on")
+                if self.sector_size > 512:
+                    argv += ["--sector-size", str(self.sector_size)]
+                if readonly:
+                    argv.append("--read-only")
+                argv += [device, image_path]
+                try:
+                    self.runner.run(argv, timeout=60)
+                except CommandError as exc:
+                    last = exc
+                    attached = self.find_loop(Path(image_path))
+                    if attached is not None:
+                        # losetup attached the file but could not switch on direct I/O.
+                        log.warning("direct I/O refused for %s; using buffered I/O", image_path)
+                        return attached
+                    if "busy" in exc.stderr.lower():
+                        continue  # another process took this device first
+                    if direct_io and "direct" in exc.stderr.lower():
+                        direct_io = False
+                        continue
+                    raise
+                dev = self._read_loop(Path(device).name)
+                if dev is None or dev.backing_file != image_path:
+                    continue  # lost a race between attach and read; try again
+                if direct_io and not dev.direct_io:
+                    log.warning("direct I/O not enabled on %s for %s", device, image_path)
+                return dev
+            raise last or CommandError(["losetup", image_path], errno.EBUSY, "no free loop device")
+
+    def detach_loop(self, device: str) -> None:
+        try:
+            self.runner.run(["losetup", "--detach", device], timeout=60)
+        except CommandError as exc:
+            if "No such device" in exc.stderr or "No such device or address" in exc.stderr:
+                return  # already detached
+            raise
+
+    def refresh_loop(self, device: str) -> None:
+        self.runner.run(["losetup", "--set-capacity", device], timeout=60)
+
+    def set_device_readonly(self, device: str, readonly: bool) -> None:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, BLKROSET, (1 if readonly else 0).to_bytes(4, "little"))
+        finally:
+            os.close(fd)
+
+    # -- filesystems ------------------------------------------------------------------
+
+    def probe_fs(self, path: str) -> str | None:
+        res = self.runner.run(["blkid", "-p", "-s", "TYPE", "-o", "value", path],
+                              timeout=60, check=False)
+        if res.returncode == 2:
+            return None  # nothing recognised
+        if res.returncode != 0:
+            raise CommandError(res.argv, res.returncode, res.stderr)
+        return res.stdout.strip() or None
+
+    def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
+        if fstype in ("ext3", "ext4"):
+            argv = [f"mkfs.{fstype}", "-q", "-F", "-b", "4096"]
+            if not discard:
+                argv += ["-E", "nodiscard"]
+        elif fstype == "xfs":
+            argv = ["mkfs.xfs", "-q", "-f", "-s", "size=4096"]
+            if not discard:
+                argv.append("-K")
+        else:
+            raise ValueError(f"unsupported filesystem {fstype}")
+        self.runner.run([*argv, path])
+
+    def grow_fs(self, fstype: str, device: str, mount_point: str) -> None:
+        """Grow to the device size: online when mount_point is given, else offline
+        (ext only: xfs can grow only while mounted)."""
+        if fstype in ("ext3", "ext4"):
+            if not mount_point:
+                res = self.runner.run(["e2fsck", "-f", "-p", device], check=False)
+                if res.returncode >= 4:  # 1 and 2 mean errors were fixed
+                    raise CommandError(res.argv, res.returncode, res.stderr or res.stdout)
+            self.runner.run(["resize2fs", device])
+        elif fstype == "xfs":
+            self.runner.run(["xfs_growfs", mount_point])
+        else:
+            raise ValueError(f"cannot grow filesystem {fstype}")
+
+    def freeze(self, mount_point: str) -> None:
+        self.runner.run(["fsfreeze", "--freeze", mount_point], timeout=60)
+
+    def thaw(self, mount_point: str) -> None:
+        self.runner.run(["fsfreeze", "--unfreeze", mount_point], timeout=60)
+
+    def trim(self, mount_point: str) -> int:
+        res = self.runner.run(["fstrim", "-v", mount_point])
+        m = re.search(r"\((\d+) bytes\) trimmed", res.stdout)
+        return int(m.group(1)) if m else 0
+
+    def fs_error_count(self, device: str) -> int:
+        try:
+            return int((Path("/sys/fs/ext4") / Path(device).name / "errors_count").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def copy_image(self, source: Path, dest: Path) -> None:
+        self.runner.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(dest)])
+
+    # -- mounts -----------------------------------------------------------------------
+
+    def mounts(self) -> list[MountEntry]:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return parse_mountinfo(f.read())
+
+    def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None:
+        argv = ["mount", "-t", fstype]
+        if options:
+            argv += ["-o", ",".join(options)]
+        self.runner.run([*argv, source, target], timeout=120)
+
+    def bind_mount(self, source: str, target: str, *, readonly: bool) -> None:
+        argv = ["mount", "--bind"]
+        if readonly:
+            argv += ["-o", "ro"]  # util-linux remounts the bind read-only itself
+        self.runner.run([*argv, source, target], timeout=60)
+
+    def unmount(self, target: str) -> None:
+        self.runner.run(["umount", target], timeout=120)
+
+    def remount(self, target: str, options: Sequence[str]) -> None:
+        self.runner.run(["mount", "-o", ",".join(["remount", *options]), target], timeout=60)
+
+    def missing_tools(self) -> list[str]:
+        return [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+
+
+def sector_size_for(path: Path) -> int:
+    """Logical sector size of the block device holding `path`, 512 when unknown."""
+    try:
+        dev = os.stat(path).st_dev
+        sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        for candidate in (sysdir / "queue", sysdir.resolve().parent / "queue"):
+            f = candidate / "logical_block_size"
+            if f.exists():
+                return max(512, int(f.read_text()))
+    except (OSError, ValueError):
+        pass
+    return 512

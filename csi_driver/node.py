@@ -1,0 +1,369 @@
+"""CSI Node service: loop devices, filesystems and mounts for kubelet."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+
+from .config import TOPOLOGY_KEY, Settings
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from .inflight import InFlight
+from .oslayer import LoopDevice, MountEntry
+from .proto import csi_pb2, csi_pb2_grpc
+from .runner import CommandError
+from .store import Entry, check_id, grow_image
+from .validation import (
+    EPHEMERAL_KEY,
+    AccessMode,
+    check_capability,
+    check_mount_flags,
+    confine,
+    is_read_only,
+    parse_quantity,
+    require,
+    resolve_params,
+    size_from_range,
+)
+from .volumes import Volumes, device_mounts, mount_at
+
+log = logging.getLogger(__name__)
+
+NodeCap = csi_pb2.NodeServiceCapability.RPC.Type
+NODE_CAPS = (NodeCap.STAGE_UNSTAGE_VOLUME, NodeCap.GET_VOLUME_STATS, NodeCap.EXPAND_VOLUME,
+             NodeCap.VOLUME_CONDITION, NodeCap.SINGLE_NODE_MULTI_WRITER)
+DEFAULT_EPHEMERAL_SIZE = "1Gi"
+EPHEMERAL_ATTRS = {"size", "fsType", "diskformat", "reclaim"}
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, settings: Settings, volumes: Volumes, inflight: InFlight) -> None:
+        self.settings = settings
+        self.volumes = volumes
+        self.os = volumes.os
+        self.inflight = inflight
+
+    def _confine(self, path: str, what: str) -> str:
+        return confine(path, self.settings.kubelet_dir, what)
+
+    # -- stage ----------------------------------------------------------------------------
+
+    def NodeStageVolume(self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+                        ) -> csi_pb2.NodeStageVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        access = check_capability(request.volume_capability)
+        staging = self._confine(request.staging_target_path, "staging_target_path")
+        readonly = is_read_only(request.volume_capability)
+        with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.get(volume_id)
+            loop, fresh = self.volumes.attach(entry, readonly=readonly)
+            try:
+                if access == "mount":
+                    self._stage_mount(entry, loop, staging, request.volume_capability, readonly)
+            except BaseException:
+                if fresh and not device_mounts(self.os.mounts(), loop):
+                    self.os.detach_loop(loop.device)
+                raise
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def _stage_mount(self, entry: Entry, loop: LoopDevice, staging: str,
+                     cap: csi_pb2.VolumeCapability, readonly: bool) -> None:
+        current = mount_at(self.os.mounts(), staging)
+        if current is not None:
+            if current.major_minor == loop.major_minor and current.root == "/":
+                return  # already staged here
+            raise AlreadyExists(f"{staging} already has another filesystem mounted ({current.source})")
+        fs = self.volumes.ensure_filesystem(entry, loop, cap.mount.fs_type)
+        options = check_mount_flags(cap.mount.mount_flags)
+        if entry.meta.reclaim == "discard" and not readonly:
+            options.append("discard")
+        if readonly:
+            options.append("ro")
+        if fs == "xfs":
+            options.append("nouuid")  # clones and restores share their source's UUID
+        grow = entry.meta.needs_fs_grow and not readonly
+        if grow and fs != "xfs":
+            self.os.grow_fs(fs, loop.device, "")  # ext grows offline, before the mount
+        os.makedirs(staging, exist_ok=True)
+        self.os.mount(loop.device, staging, fs, options)
+        if grow:
+            if fs == "xfs":
+                self.os.grow_fs(fs, loop.device, staging)  # xfs grows only while mounted
+            self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=False))
+            log.info("grew %s on %s to the image size", fs, entry.id)
+
+    def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        staging = self._confine(request.staging_target_path, "staging_target_path")
+        with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.store.volumes.get(volume_id)
+            self.volumes.unmount_all(staging)
+            if entry is None:
+                return csi_pb2.NodeUnstageVolumeResponse()
+            loop = self.os.find_loop(entry.image)
+            if loop is not None:
+                self.volumes.detach_if_unused(loop)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # -- publish --------------------------------------------------------------------------
+
+    def NodePublishVolume(self, request: csi_pb2.NodePublishVolumeRequest,
+                          context: grpc.ServicerContext) -> csi_pb2.NodePublishVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        access = check_capability(request.volume_capability)
+        ephemeral = request.volume_context.get(EPHEMERAL_KEY) == "true"
+        if not ephemeral:
+            require(request.staging_target_path, "staging_target_path")
+        target = self._confine(request.target_path, "target_path")
+        staging = "" if ephemeral else self._confine(request.staging_target_path, "staging_target_path")
+        readonly = request.readonly or is_read_only(request.volume_capability)
+        with self.inflight.hold(f"vol:{volume_id}"):
+            if ephemeral:
+                self._publish_ephemeral(volume_id, request, target, readonly)
+                return csi_pb2.NodePublishVolumeResponse()
+            entry = self.volumes.get(volume_id)
+            loop = self.os.find_loop(entry.image)
+            if loop is None:
+                raise FailedPrecondition(f"volume {volume_id} is not staged: NodeStageVolume first")
+            mounts = self.os.mounts()
+            self._check_single_writer(request.volume_capability, loop, mounts, staging, target)
+            if access == "block":
+                self._publish_block(loop, target, readonly, mounts)
+            else:
+                self._publish_mount(loop, staging, target, readonly, mounts)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _check_single_writer(self, cap: csi_pb2.VolumeCapability, loop: LoopDevice,
+                             mounts: list[MountEntry], staging: str, target: str) -> None:
+        if cap.access_mode.mode != AccessMode.SINGLE_NODE_SINGLE_WRITER:
+            return
+        others = [m.mount_point for m in device_mounts(mounts, loop)
+                  if m.mount_point not in (staging, target)]
+        if others:
+            raise FailedPrecondition(
+                f"SINGLE_NODE_SINGLE_WRITER volume is already published at {', '.join(others)}")
+
+    def _publish_block(self, loop: LoopDevice, target: str, readonly: bool,
+                       mounts: list[MountEntry]) -> None:
+        current = mount_at(mounts, target)
+        if current is not None:
+            if current.root == "/" + Path(loop.device).name:
+                return
+            raise AlreadyExists(f"{target} already has something else mounted ({current.source})")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.isdir(target):
+            raise AlreadyExists(f"{target} is a directory; a block volume is published on a file")
+        created = not os.path.exists(target)
+        fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        try:
+            if readonly and not loop.readonly:
+                # A read-only bind of a device node still lets writers open it: make the
+                # device itself read-only.
+                self.os.set_device_readonly(loop.device, True)
+            self.os.bind_mount(loop.device, target, readonly=readonly)
+        except BaseException:
+            if created:
+                os.unlink(target)
+            raise
+
+    def _publish_mount(self, loop: LoopDevice, staging: str, target: str, readonly: bool,
+                       mounts: list[MountEntry]) -> None:
+        staged = mount_at(mounts, staging)
+        if staged is None or staged.major_minor != loop.major_minor:
+            raise FailedPrecondition(f"volume is not staged at {staging}")
+        current = mount_at(mounts, target)
+        if current is not None:
+            if current.major_minor == loop.major_minor and current.readonly == readonly:
+                return
+            raise AlreadyExists(f"{target} is already mounted with other options or another volume")
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise AlreadyExists(f"{target} exists and is not a directory")
+        created = not os.path.exists(target)
+        os.makedirs(target, mode=0o750, exist_ok=True)
+        try:
+            self.os.bind_mount(staging, target, readonly=readonly)
+        except BaseException:
+            if created:
+                os.rmdir(target)
+            raise
+
+    def _publish_ephemeral(self, volume_id: str, request: csi_pb2.NodePublishVolumeRequest,
+                           target: str, readonly: bool) -> None:
+        """Inline ephemeral volume: create, format and mount straight at the target."""
+        if request.volume_capability.WhichOneof("access_type") != "mount":
+            raise InvalidArgument("ephemeral volumes are filesystem volumes")
+        ctx = request.volume_context
+        unknown = sorted(k for k in ctx if k not in EPHEMERAL_ATTRS and not k.startswith("csi.storage.k8s.io/"))
+        if unknown:
+            raise InvalidArgument(f"unknown volume attribute(s) {', '.join(unknown)}; accepted: "
+                                  f"{', '.join(sorted(EPHEMERAL_ATTRS))}")
+        fs = ctx.get("fsType") or request.volume_capability.mount.fs_type or "ext4"
+        params = resolve_params({k: ctx[k] for k in ("diskformat", "reclaim") if k in ctx} | {"fsType": fs},
+                                [request.volume_capability])
+        requested = parse_quantity(ctx.get("size", DEFAULT_EPHEMERAL_SIZE))
+        rng = csi_pb2.CapacityRange(required_bytes=requested)
+        size = size_from_range(rng, params.fs_type)
+        entry = self.volumes.store.volumes.get(volume_id)
+        if entry is None:
+            entry = self.volumes.create(volume_id, size, params, ephemeral=True, parameters=dict(ctx))
+        elif not entry.meta.ephemeral:
+            raise AlreadyExists(f"volume {volume_id} exists and is not an ephemeral volume")
+        loop, fresh = self.volumes.attach(entry, readonly=False)
+        try:
+            current = mount_at(self.os.mounts(), target)
+            if current is not None and current.major_minor == loop.major_minor:
+                return
+            if current is not None:
+                raise AlreadyExists(f"{target} already has another filesystem mounted")
+            found = self.volumes.ensure_filesystem(entry, loop, params.fs_type)
+            options = check_mount_flags(request.volume_capability.mount.mount_flags)
+            if params.reclaim == "discard":
+                options.append("discard")
+            if readonly:
+                options.append("ro")
+            if found == "xfs":
+                options.append("nouuid")
+            os.makedirs(target, mode=0o750, exist_ok=True)
+            self.os.mount(loop.device, target, found, options)
+        except BaseException:
+            if fresh:
+                self.os.detach_loop(loop.device)
+                self.volumes.remove(entry)
+            raise
+
+    def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.NodeUnpublishVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        target = self._confine(request.target_path, "target_path")
+        with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.store.volumes.get(volume_id)
+            self.volumes.unmount_all(target)
+            if os.path.isdir(target) and not os.path.islink(target):
+                os.rmdir(target)
+            elif os.path.lexists(target):
+                os.unlink(target)
+            if entry is not None and entry.meta.ephemeral:
+                loop = self.os.find_loop(entry.image)
+                if loop is not None:
+                    self.volumes.detach_if_unused(loop)
+                self.volumes.remove(entry)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # -- stats and expansion --------------------------------------------------------------
+
+    def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest,
+                           context: grpc.ServicerContext) -> csi_pb2.NodeGetVolumeStatsResponse:
+        # Read-only: no in-flight guard, so kubelet's periodic stats never block an operation.
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        entry = self.volumes.get(volume_id)
+        if not os.path.isabs(request.volume_path) or not os.path.exists(request.volume_path):
+            raise NotFound(f"volume_path {request.volume_path[:200]!r} does not exist")
+        path = self._confine(request.volume_path, "volume_path")
+        usage = self.volumes.usage(entry)
+        problems = self.volumes.health(entry, usage)
+        mounted = mount_at(self.os.mounts(), path)
+        if mounted is None:
+            problems.append(f"nothing is mounted at {path}")
+        if usage.loop is None:
+            problems.append("no loop device is attached (volume not staged)")
+        condition = csi_pb2.VolumeCondition(abnormal=bool(problems),
+                                            message="; ".join(problems) or "healthy")
+        Unit = csi_pb2.VolumeUsage.Unit
+        if os.path.isdir(path):
+            st = os.statvfs(path)
+            usage_list = [
+                csi_pb2.VolumeUsage(unit=Unit.BYTES, total=st.f_blocks * st.f_frsize,
+                                    available=st.f_bavail * st.f_frsize,
+                                    used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                csi_pb2.VolumeUsage(unit=Unit.INODES, total=st.f_files, available=st.f_favail,
+                                    used=st.f_files - st.f_ffree),
+            ]
+        else:
+            total = usage.loop.size_bytes if usage.loop is not None else entry.size_bytes()
+            usage_list = [csi_pb2.VolumeUsage(unit=Unit.BYTES, total=total)]
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage_list, volume_condition=condition)
+
+    def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
+                         context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        if request.HasField("volume_capability"):
+            check_capability(request.volume_capability)
+        entry = self.volumes.get(volume_id)
+        if not os.path.isabs(request.volume_path) or not os.path.exists(request.volume_path):
+            raise NotFound(f"volume_path {request.volume_path[:200]!r} does not exist")
+        path = self._confine(request.volume_path, "volume_path")
+        staging = (self._confine(request.staging_target_path, "staging_target_path")
+                   if request.staging_target_path else "")
+        with self.inflight.hold(f"vol:{volume_id}"):
+            current = entry.size_bytes()
+            rng = request.capacity_range if request.HasField("capacity_range") else None
+            size = size_from_range(rng, entry.meta.fs_type, current=current)
+            if size < current:
+                raise OutOfRange(f"volume {volume_id} is {current} bytes; it cannot shrink to {size}")
+            if size > current:
+                self.volumes.check_room(size - current, f"growing volume {volume_id}")
+                grow_image(entry.image, size, entry.meta.diskformat)
+            usage = self.volumes.usage(entry)
+            if usage.loop is not None:
+                if usage.loop.size_bytes != size:
+                    self.os.refresh_loop(usage.loop.device)
+                mount_point = self.volumes.fs_mount_point(usage) or (path if os.path.isdir(path) else "")
+                fs = (entry.meta.fs_type or self.os.probe_fs(usage.loop.device) or "") if mount_point else ""
+                if fs:
+                    self._grow_online(entry, fs, usage.loop.device, mount_point)
+            elif entry.meta.fs_type:
+                self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+            log.info("expanded volume %s to %d bytes", volume_id, size)
+            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    def _grow_online(self, entry: Entry, fs: str, device: str, mount_point: str) -> None:
+        try:
+            self.os.grow_fs(fs, device, mount_point)
+        except CommandError as exc:
+            if "Permission denied" not in exc.stderr:
+                raise
+            # ext4's online resize ioctl needs CAP_SYS_RESOURCE. Grow at the next stage.
+            self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+            raise FailedPrecondition(
+                f"the kernel refused to grow {fs} online ({exc.stderr.splitlines()[-1]}); the driver "
+                "needs CAP_SYS_RESOURCE (run it privileged). The image is already larger: the "
+                "filesystem grows at the next stage") from None
+
+    # -- info -----------------------------------------------------------------------------
+
+    def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
+                            context: grpc.ServicerContext) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=c))
+            for c in NODE_CAPS])
+
+    def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+                    ) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.settings.node_id,
+            max_volumes_per_node=self.settings.max_volumes_per_node,
+            accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: self.settings.node_id}),
+        )
+
+

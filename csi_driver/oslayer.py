@@ -1,0 +1,90 @@
+"""The narrow interface between the CSI services and the host: loop devices, filesystems
+and mounts. `HostOS` (csi_driver.hostos) is the real one; tests use a stateful fake."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+FILESYSTEMS = ("ext3", "ext4", "xfs")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_point: str
+    root: str
+    major_minor: str
+    fstype: str
+    source: str
+    options: tuple[str, ...]
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    device: str
+    """/dev/loopN"""
+    backing_file: str
+    major_minor: str
+    direct_io: bool
+    readonly: bool
+    size_bytes: int
+
+
+class OSLayer(Protocol):
+    def loop_devices(self) -> list[LoopDevice]:
+        """Every attached loop device, read from sysfs (no subprocess)."""
+        ...
+
+    def find_loop(self, image: Path) -> LoopDevice | None: ...
+
+    def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice: ...
+
+    def detach_loop(self, device: str) -> None: ...
+
+    def refresh_loop(self, device: str) -> None:
+        """Re-read the backing file's size (losetup -c on the device)."""
+        ...
+
+    def set_device_readonly(self, device: str, readonly: bool) -> None: ...
+
+    def probe_fs(self, path: str) -> str | None:
+        """Filesystem type found by blkid -p on a device or image file, None if none."""
+        ...
+
+    def mkfs(self, path: str, fstype: str, *, discard: bool) -> None: ...
+
+    def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None: ...
+
+    def bind_mount(self, source: str, target: str, *, readonly: bool) -> None: ...
+
+    def unmount(self, target: str) -> None: ...
+
+    def remount(self, target: str, options: Sequence[str]) -> None: ...
+
+    def mounts(self) -> list[MountEntry]: ...
+
+    def grow_fs(self, fstype: str, device: str, mount_point: str) -> None: ...
+
+    def freeze(self, mount_point: str) -> None: ...
+
+    def thaw(self, mount_point: str) -> None: ...
+
+    def copy_image(self, source: Path, dest: Path) -> None:
+        """Copy an image keeping holes (reflink where the host filesystem can)."""
+        ...
+
+    def fs_error_count(self, device: str) -> int: ...
+
+    def trim(self, mount_point: str) -> int:
+        """fstrim the mounted filesystem; bytes trimmed as reported."""
+        ...
+
+    def missing_tools(self) -> list[str]: ...

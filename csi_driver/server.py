@@ -1,0 +1,247 @@
+"""The gRPC server: wiring, the one place errors become status codes, one log line per
+RPC, socket hygiene, start-up recovery and graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from .config import Settings
+from .controller import ControllerService
+from .errors import DriverError
+from .hostos import HostOS, sector_size_for
+from .identity import IdentityService
+from .inflight import InFlight
+from .node import NodeService
+from .oslayer import OSLayer
+from .proto import csi_pb2_grpc
+from .runner import CommandError
+from .snapshots import Snapshots
+from .store import Store
+from .volumes import Volumes
+
+log = logging.getLogger("thinloop.rpc")
+startlog = logging.getLogger("thinloop.server")
+
+Observer = Callable[[str, str, float], None]
+"""Called after every RPC with (method, status code name, seconds)."""
+
+_ID_FIELDS = {"volume_id": "volume_id", "name": "req_name", "snapshot_id": "snapshot_id",
+              "source_volume_id": "source_volume_id"}
+
+
+def _subject(request: Any) -> dict[str, str]:
+    """The fields worth logging; never secrets or whole requests."""
+    out = {}
+    for f, key in _ID_FIELDS.items():
+        value = getattr(request, f, "")
+        if isinstance(value, str) and value:
+            out[key] = value[:128]
+    return out
+
+
+class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps DriverError to its code, anything else to INTERNAL (traceback logged), and
+    writes one structured line per call."""
+
+    def __init__(self, observers: list[Observer]) -> None:
+        self.observers = observers
+
+    def _finish(self, method: str, request: Any, started: float, code: grpc.StatusCode,
+                detail: str) -> None:
+        elapsed = time.monotonic() - started
+        try:
+            self._record(method, request, elapsed, code, detail)
+        except Exception:  # noqa: BLE001 - a log or metrics fault must not fail the RPC
+            logging.getLogger(__name__).exception("recording %s failed", method)
+
+    def _record(self, method: str, request: Any, elapsed: float, code: grpc.StatusCode,
+                detail: str) -> None:
+        extra = {"method": method, "code": code.name, "duration_ms": round(elapsed * 1000, 2),
+                 **_subject(request)}
+        if code == grpc.StatusCode.OK:
+            log.info("%s OK", method, extra=extra)
+        else:
+            log.warning("%s %s: %s", method, code.name, detail, extra=extra)
+        for obs in self.observers:
+            obs(method, code.name, elapsed)
+
+    def _fail(self, exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, DriverError):
+            return exc.code, exc.message
+        if isinstance(exc, CommandError):
+            log.error("%s: command failed: %s", method, exc)
+            return grpc.StatusCode.INTERNAL, str(exc)
+        log.exception("%s: unexpected error", method)
+        return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                started = time.monotonic()
+                try:
+                    response = inner(request, context)
+                except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                    code, detail = self._fail(exc, method)
+                    self._finish(method, request, started, code, detail)
+                    context.abort(code, detail)
+                self._finish(method, request, started, grpc.StatusCode.OK, "")
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                started = time.monotonic()
+                try:
+                    yield from inner_stream(request, context)
+                except Exception as exc:  # noqa: BLE001
+                    code, detail = self._fail(exc, method)
+                    self._finish(method, request, started, code, detail)
+                    context.abort(code, detail)
+                self._finish(method, request, started, grpc.StatusCode.OK, "")
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+@dataclass
+class Driver:
+    """Everything one driver process is made of, built once from settings."""
+
+    settings: Settings
+    inflight: InFlight
+    oslayer: OSLayer | None
+    store: Store | None
+    volumes: Volumes | None
+    snapshots: Snapshots | None
+    observers: list[Observer] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
+        inflight = InFlight()
+        if not settings.touches_files:
+            return cls(settings, inflight, None, None, None, None)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os_layer = oslayer or HostOS(sector_size=sector_size_for(settings.data_dir))
+        store = Store(settings.data_dir)
+        volumes = Volumes(settings, store, os_layer)
+        return cls(settings, inflight, os_layer, store, volumes, Snapshots(store, volumes))
+
+    def recover(self) -> list[str]:
+        """Finish or remove what interrupted operations left behind; log each action."""
+        if self.store is None:
+            return []
+        actions = self.store.recover()
+        for action in actions:
+            startlog.info("recovery: %s", action)
+        return actions
+
+    def add_services(self, server: grpc.Server) -> None:
+        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.settings, self.oslayer), server)
+        if self.settings.runs_controller:
+            csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerService(self.settings, self.volumes, self.snapshots, self.inflight), server)
+        if self.settings.runs_node and self.volumes is not None:
+            csi_pb2_grpc.add_NodeServicer_to_server(
+                NodeService(self.settings, self.volumes, self.inflight), server)
+
+    def make_server(self, max_workers: int = 16) -> grpc.Server:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                        thread_name_prefix="rpc"),
+                             interceptors=[RpcInterceptor(self.observers)])
+        self.add_services(server)
+        return server
+
+
+class StartupError(RuntimeError):
+    """The driver cannot start; the message is one line for the operator."""
+
+
+def prepare_socket(path: str) -> None:
+    """Refuse symlinks, non-sockets and sockets owned by someone else; remove a stale
+    socket of ours; refuse to take over one that another process still serves."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, mode=0o750, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"endpoint {path} is a symlink; refusing to use it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"endpoint {path} exists and is not a socket; refusing to replace it")
+    if st.st_uid != os.geteuid():
+        raise StartupError(f"endpoint {path} belongs to uid {st.st_uid}, not to this process")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        startlog.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another process is serving {path}")
+
+
+def serve(settings: Settings, driver: Driver | None = None,
+          ready: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the process exit code."""
+    path = str(settings.socket_path)
+    prepare_socket(path)
+    driver = driver or Driver.build(settings)
+    driver.recover()
+    server = driver.make_server()
+    old_umask = os.umask(0o077)
+    try:
+        if server.add_insecure_port(f"unix://{path}") == 0:
+            raise StartupError(f"cannot listen on {path}")
+        server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        startlog.info("received %s: finishing in-flight calls", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    startlog.info("serving %s on %s (mode %s, node %s, data dir %s)", settings.driver_name, path,
+                  settings.mode, settings.node_id, settings.data_dir)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    server.stop(grace=30).wait()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    startlog.info("stopped")
+    return 0

@@ -1,0 +1,78 @@
+"""Snapshots: a sparse (or reflinked) copy of a volume's image, taken with the volume's
+filesystem frozen when it is mounted, so the copy is filesystem-consistent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from .errors import AlreadyExists, NotFound, ResourceExhausted
+from .store import Entry, Meta, Store
+from .volumes import Volumes
+
+log = logging.getLogger(__name__)
+
+
+class Snapshots:
+    def __init__(self, store: Store, volumes: Volumes) -> None:
+        self.store = store
+        self.volumes = volumes
+        self.os = volumes.os
+
+    def get(self, snap_id: str) -> Entry:
+        entry = self.store.snapshots.get(snap_id)
+        if entry is None:
+            raise NotFound(f"snapshot {snap_id} does not exist on node {self.volumes.settings.node_id}")
+        return entry
+
+    def create(self, snap_id: str, source_id: str) -> Entry:
+        existing = self.store.snapshots.get(snap_id)
+        if existing is not None:
+            if existing.meta.source_id != source_id:
+                raise AlreadyExists(
+                    f"snapshot {snap_id} already exists for volume {existing.meta.source_id}")
+            return existing
+        source = self.volumes.get(source_id)
+        need = source.allocated_bytes()
+        free = self.store.free_bytes()
+        if need > free:
+            raise ResourceExhausted(f"snapshot of {source_id} needs {need} bytes; {free} free")
+        meta = Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
+                    source_kind="volume", source_id=source_id, created=time.time(),
+                    node_id=self.volumes.settings.node_id)
+        started = time.monotonic()
+        entry = self.store.snapshots.create(snap_id, meta, lambda image: self._copy(source, image))
+        log.info("snapshot %s of %s: %d bytes allocated, %.2fs", snap_id, source_id,
+                 entry.allocated_bytes(), time.monotonic() - started)
+        return entry
+
+    def _copy(self, source: Entry, image: Path) -> None:
+        frozen = self._mounted_fs(source)
+        if frozen:
+            self.os.freeze(frozen)
+        try:
+            self.os.copy_image(source.image, image)
+            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            if frozen:
+                self.os.thaw(frozen)
+
+    def _mounted_fs(self, source: Entry) -> str:
+        """Mount point of the volume's filesystem (its staging mount), or '' if none."""
+        usage = self.volumes.usage(source)
+        if usage.loop is None:
+            return ""
+        for m in usage.mounts:
+            if m.major_minor == usage.loop.major_minor and m.root == "/":
+                return m.mount_point
+        return ""
+
+    def delete(self, snap_id: str) -> None:
+        if self.store.snapshots.delete(snap_id):
+            log.info("deleted snapshot %s", snap_id)

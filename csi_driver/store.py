@@ -1,0 +1,284 @@
+"""The on-disk store. Directories under the data dir are the only record of volumes and
+snapshots: no second database. Objects are built under a temporary name and renamed into
+place, metadata is replaced atomically, and deletion renames before it removes, so a crash
+at any point leaves either the whole object or a leftover that `recover` clears."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+IMAGE = "disk.img"
+META = "meta.json"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ZERO_CHUNK = 4 << 20
+
+
+def check_id(value: str, what: str) -> str:
+    """Ids and names become directory names: allow only a safe alphabet."""
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+    if not ID_RE.match(value):
+        raise InvalidArgument(
+            f"{what} {value[:80]!r} is not valid: use 1-128 characters of letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit")
+    return value
+
+
+@dataclass
+class Meta:
+    """Contents of meta.json for a volume or a snapshot."""
+
+    name: str
+    kind: str = "volume"
+    """volume or snapshot"""
+    fs_type: str = ""
+    """ext3, ext4, xfs, or empty for a raw block volume"""
+    diskformat: str = "thin"
+    reclaim: str = "discard"
+    requested_bytes: int = 0
+    created: float = 0.0
+    """Unix time the object was completed."""
+    source_kind: str = ""
+    """snapshot or volume when made from one, else empty"""
+    source_id: str = ""
+    needs_fs_grow: bool = False
+    """The image is larger than its filesystem (restore into a bigger size)."""
+    ephemeral: bool = False
+    parameters: dict[str, str] = field(default_factory=dict)
+    """Parameters as given, for idempotency checks and operators."""
+    node_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Meta:
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An object found on disk: its id, directory and metadata."""
+
+    id: str
+    path: Path
+    meta: Meta
+
+    @property
+    def image(self) -> Path:
+        return self.path / IMAGE
+
+    def size_bytes(self) -> int:
+        return os.stat(self.image).st_size
+
+    def allocated_bytes(self) -> int:
+        return os.stat(self.image).st_blocks * 512
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def create_image(path: Path, size: int, diskformat: str) -> None:
+    """thin: sparse; zeroedthick: fallocate; eagerzeroedthick: zeros written. Raises
+    ResourceExhausted when the host filesystem runs out of room."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if diskformat == "thin":
+            os.ftruncate(fd, size)
+        elif diskformat == "zeroedthick":
+            os.posix_fallocate(fd, 0, size)
+        else:
+            zeros = bytes(_ZERO_CHUNK)
+            left = size
+            while left > 0:
+                n = os.write(fd, zeros[: min(left, _ZERO_CHUNK)])
+                left -= n
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise ResourceExhausted(f"no room on the node for a {size}-byte image: {exc.strerror}") from None
+        raise
+    finally:
+        os.close(fd)
+
+
+def grow_image(path: Path, size: int, diskformat: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        old = os.fstat(fd).st_size
+        if size <= old:
+            return
+        if diskformat == "thin":
+            os.ftruncate(fd, size)
+        else:
+            os.posix_fallocate(fd, old, size - old)
+            if diskformat == "eagerzeroedthick":
+                os.lseek(fd, old, os.SEEK_SET)
+                zeros = bytes(_ZERO_CHUNK)
+                left = size - old
+                while left > 0:
+                    left -= os.write(fd, zeros[: min(left, _ZERO_CHUNK)])
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in (28, 122):
+            raise ResourceExhausted(f"no room on the node to grow the image: {exc.strerror}") from None
+        raise
+    finally:
+        os.close(fd)
+
+
+class Collection:
+    """A directory of objects, one subdirectory each (volumes/ or snapshots/)."""
+
+    def __init__(self, root: Path, kind: str) -> None:
+        self.root = root
+        self.kind = kind
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, obj_id: str) -> Path:
+        return self.root / check_id(obj_id, f"{self.kind} id")
+
+    def ids(self) -> list[str]:
+        """Sorted ids of complete objects: dot-prefixed leftovers are not listed."""
+        try:
+            with os.scandir(self.root) as it:
+                return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def get(self, obj_id: str) -> Entry | None:
+        path = self.path(obj_id)
+        if not (path / IMAGE).is_file():
+            return None
+        try:
+            meta = Meta.from_json((path / META).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            # Made by hand (static provisioning): everything but the image is a default.
+            meta = Meta(name=obj_id, kind=self.kind, diskformat="thin")
+        except (ValueError, TypeError) as exc:
+            log.error("%s %s: unreadable %s (%s); treating as hand-made", self.kind, obj_id, META, exc)
+            meta = Meta(name=obj_id, kind=self.kind)
+        return Entry(obj_id, path, meta)
+
+    def entries(self) -> Iterator[Entry]:
+        for obj_id in self.ids():
+            entry = self.get(obj_id)
+            if entry is not None:
+                yield entry
+
+    def create(self, obj_id: str, meta: Meta, build: Callable[[Path], None]) -> Entry:
+        """Build the object in a temporary directory, then rename it into place."""
+        final = self.path(obj_id)
+        tmp = self.root / f"{TMP_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(mode=0o700)
+        try:
+            build(tmp / IMAGE)
+            write_atomic(tmp / META, meta.to_json())
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Entry(obj_id, final, meta)
+
+    def save_meta(self, entry: Entry, meta: Meta) -> Entry:
+        write_atomic(entry.path / META, meta.to_json())
+        return Entry(entry.id, entry.path, meta)
+
+    def delete(self, obj_id: str) -> bool:
+        """Rename out of the listing first, then remove. False when it was not there."""
+        path = self.path(obj_id)
+        trash = self.root / f"{TRASH_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.root)
+        shutil.rmtree(trash)
+        return True
+
+    def recover(self) -> list[str]:
+        """Remove leftovers of operations a crash interrupted; say what was done."""
+        actions = []
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            p = self.root / name
+            if name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+                actions.append(f"removed unfinished {self.kind} {name}")
+            elif name.startswith(TRASH_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+                actions.append(f"finished deleting {self.kind} {name}")
+            elif p.is_dir():
+                for leftover in p.glob(f"{TMP_PREFIX}*"):
+                    leftover.unlink(missing_ok=True)
+                    actions.append(f"removed half-written file {leftover}")
+        return actions
+
+
+class Store:
+    """Volumes and snapshots under one data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.volumes = Collection(data_dir / "volumes", "volume")
+        self.snapshots = Collection(data_dir / "snapshots", "snapshot")
+
+    def recover(self) -> list[str]:
+        return self.volumes.recover() + self.snapshots.recover()
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.data_dir)
+        return st.f_bavail * st.f_frsize
+
+    def unused_promises(self) -> int:
+        """Bytes that thin images may still grow into: apparent minus allocated."""
+        total = 0
+        for coll in (self.volumes,):
+            for obj_id in coll.ids():
+                try:
+                    st = os.stat(coll.root / obj_id / IMAGE)
+                except FileNotFoundError:
+                    continue
+                total += max(0, st.st_size - st.st_blocks * 512)
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        return {"free_bytes": self.free_bytes(), "unused_promises": self.unused_promises()}

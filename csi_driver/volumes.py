@@ -1,0 +1,251 @@
+"""Volume mechanics shared by the Controller and Node services: making an image, finding
+its loop device and mounts, making sure a filesystem is on it, health, removal. All host
+work goes through the OS layer; all files through the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import Settings
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from .oslayer import LoopDevice, MountEntry, OSLayer
+from .store import Entry, Meta, Store, create_image
+from .validation import VolumeParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Where a volume is in use on this node."""
+
+    loop: LoopDevice | None
+    mounts: list[MountEntry]
+
+    @property
+    def in_use(self) -> bool:
+        return self.loop is not None or bool(self.mounts)
+
+    def describe(self) -> str:
+        parts = []
+        if self.loop is not None:
+            parts.append(f"attached as {self.loop.device}")
+        parts += [f"mounted at {m.mount_point}" for m in self.mounts]
+        return ", ".join(parts) or "not in use"
+
+
+def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
+    """Mounts of the loop's filesystem and bind mounts of its device node."""
+    name = "/" + Path(loop.device).name
+    return [m for m in mounts if m.major_minor == loop.major_minor
+            or (m.root == name and m.fstype in ("devtmpfs", "tmpfs"))]
+
+
+def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
+    """The top-most mount at exactly this path (the last one listed wins)."""
+    found = None
+    for m in mounts:
+        if m.mount_point == path:
+            found = m
+    return found
+
+
+class Volumes:
+    def __init__(self, settings: Settings, store: Store, oslayer: OSLayer) -> None:
+        self.settings = settings
+        self.store = store
+        self.os = oslayer
+
+    # -- lookup -------------------------------------------------------------------------
+
+    def get(self, volume_id: str) -> Entry:
+        entry = self.store.volumes.get(volume_id)
+        if entry is None:
+            raise NotFound(f"volume {volume_id} does not exist on node {self.settings.node_id}")
+        return entry
+
+    def usage(self, entry: Entry) -> Usage:
+        loop = self.os.find_loop(entry.image)
+        mounts = device_mounts(self.os.mounts(), loop) if loop is not None else []
+        return Usage(loop, mounts)
+
+    # -- capacity -----------------------------------------------------------------------
+
+    def available_bytes(self) -> int:
+        """Free space of the data dir's filesystem minus what thin images may still claim
+        (divided by the overcommit ratio)."""
+        free = self.store.free_bytes()
+        promised = self.store.unused_promises()
+        return max(0, int(free - promised / self.settings.overcommit_ratio))
+
+    def check_room(self, size: int, what: str) -> None:
+        room = self.available_bytes()
+        if size > room:
+            raise ResourceExhausted(
+                f"{what} needs {size} bytes but node {self.settings.node_id} has {room} available "
+                f"(free space minus unused thin promises, overcommit ratio {self.settings.overcommit_ratio})")
+
+    # -- creation -----------------------------------------------------------------------
+
+    def create(self, volume_id: str, size: int, params: VolumeParams, *,
+               source: tuple[str, Entry] | None = None, ephemeral: bool = False,
+               parameters: dict[str, str] | None = None) -> Entry:
+        """Make a complete volume (image, filesystem, metadata) under a temporary name,
+        then rename it into place: it is listed only once whole."""
+        self.check_room(size, f"volume {volume_id}")
+        meta = Meta(
+            name=volume_id, kind="volume", fs_type=params.fs_type, diskformat=params.diskformat,
+            reclaim=params.reclaim, requested_bytes=size, created=time.time(),
+            source_kind=source[0] if source else "", source_id=source[1].id if source else "",
+            ephemeral=ephemeral, parameters=dict(parameters or {}), node_id=self.settings.node_id,
+        )
+        meta.parameters["access_type"] = params.access_type
+
+        def build(image: Path) -> None:
+            if source is not None:
+                self._build_from(image, source[1], size, params)
+            else:
+                create_image(image, size, params.diskformat)
+                if params.fs_type:
+                    self.os.mkfs(str(image), params.fs_type, discard=params.diskformat == "thin")
+
+        if source is not None:
+            src_size = source[1].size_bytes()
+            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and size > src_size)
+        entry = self.store.volumes.create(volume_id, meta, build)
+        log.info("created volume %s: %d bytes, %s, %s", volume_id, size,
+                 params.fs_type or "block", params.diskformat)
+        return entry
+
+    def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
+        self.os.copy_image(source.image, image)
+        fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            if params.diskformat != "thin":
+                os.posix_fallocate(fd, 0, size)
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno == 28:
+                raise ResourceExhausted(f"no room on the node to copy {source.id}") from None
+            raise
+        finally:
+            os.close(fd)
+
+    # -- node-side helpers --------------------------------------------------------------
+
+    def attach(self, entry: Entry, *, readonly: bool) -> tuple[LoopDevice, bool]:
+        """The loop device of this image, attaching one if there is none.
+        Returns (device, newly_attached)."""
+        loop = self.os.find_loop(entry.image)
+        if loop is not None:
+            return loop, False
+        return self.os.attach_loop(entry.image, readonly=readonly), True
+
+    def ensure_filesystem(self, entry: Entry, loop: LoopDevice, requested: str) -> str:
+        """The filesystem on the device. Makes one only when blkid finds none and the
+        volume was not created as a raw block volume; never reformats."""
+        found = self.os.probe_fs(loop.device)
+        if found is None:
+            if entry.meta.parameters.get("access_type") == "block":
+                raise FailedPrecondition(
+                    f"volume {entry.id} was created as a raw block volume and holds no filesystem; "
+                    "refusing to format it for a mount")
+            fs = requested or entry.meta.fs_type or "ext4"
+            log.info("volume %s has no filesystem: making %s", entry.id, fs)
+            self.os.mkfs(loop.device, fs, discard=entry.meta.diskformat == "thin")
+            return fs
+        if requested and found != requested:
+            raise FailedPrecondition(
+                f"volume {entry.id} holds a {found} filesystem, not the {requested} requested; "
+                "it will not be reformatted")
+        return found
+
+    def detach_if_unused(self, loop: LoopDevice) -> None:
+        still = device_mounts(self.os.mounts(), loop)
+        if still:
+            raise FailedPrecondition(
+                f"{loop.device} is still mounted at {', '.join(m.mount_point for m in still)}")
+        self.os.detach_loop(loop.device)
+
+    def unmount_all(self, path: str) -> None:
+        """Unmount every mount stacked at path (a crashed retry can stack two)."""
+        for _ in range(8):
+            if mount_at(self.os.mounts(), path) is None:
+                return
+            self.os.unmount(path)
+        raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
+
+    def health(self, entry: Entry, usage: Usage | None = None) -> list[str]:
+        """Problems with the volume, empty when it is healthy."""
+        problems: list[str] = []
+        if not entry.image.is_file():
+            return [f"image {entry.image} is missing"]
+        usage = usage or self.usage(entry)
+        if usage.loop is not None:
+            errors = self.os.fs_error_count(usage.loop.device)
+            if errors:
+                problems.append(f"filesystem reports {errors} error(s); run fsck after unmounting")
+            if not os.path.exists(usage.loop.backing_file):
+                problems.append("the loop device's backing file was removed")
+        st = os.stat(entry.image)
+        unwritten = st.st_size - st.st_blocks * 512
+        free = self.store.free_bytes()
+        if unwritten > 0 and free < min(unwritten, 64 << 20):
+            problems.append(
+                f"the node's data filesystem is full ({free} bytes free): writes to unallocated "
+                "parts of this thin volume fail")
+        return problems
+
+    def remove(self, entry: Entry) -> None:
+        """Delete the volume's directory; refuse while it is attached or mounted."""
+        usage = self.usage(entry)
+        if usage.in_use:
+            raise FailedPrecondition(f"volume {entry.id} is in use: {usage.describe()}")
+        prefix = str(entry.path) + "/"
+        inside = [m.mount_point for m in self.os.mounts() if m.mount_point.startswith(prefix)]
+        if inside:
+            raise FailedPrecondition(f"volume {entry.id} has mounts inside its directory: {inside}")
+        self.store.volumes.delete(entry.id)
+        log.info("deleted volume %s", entry.id)
+
+    def fs_mount_point(self, usage: Usage) -> str:
+        """Where the volume's own filesystem is mounted (not a bind of it), or ''."""
+        if usage.loop is None:
+            return ""
+        for m in usage.mounts:
+            if m.major_minor == usage.loop.major_minor and m.root == "/":
+                return m.mount_point
+        return ""
+
+    def modify(self, entry: Entry, changes: dict[str, str]) -> Entry:
+        """Apply mutable parameters to a live volume: thin -> zeroedthick preallocates the
+        image; reclaim switches online discard on or off (remounting if mounted)."""
+        meta = entry.meta
+        target = changes.get("diskformat", meta.diskformat)
+        if target != meta.diskformat:
+            if (meta.diskformat, target) != ("thin", "zeroedthick"):
+                raise InvalidArgument(
+                    f"diskformat can change from thin to zeroedthick on a live volume, "
+                    f"not from {meta.diskformat} to {target}")
+            st = os.stat(entry.image)
+            self.check_room(max(0, st.st_size - st.st_blocks * 512), f"preallocating {entry.id}")
+            fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, st.st_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            meta = replace(meta, diskformat=target)
+        reclaim = changes.get("reclaim", meta.reclaim)
+        if reclaim != meta.reclaim:
+            mount_point = self.fs_mount_point(self.usage(entry))
+            if mount_point:
+                self.os.remount(mount_point, ["discard" if reclaim == "discard" else "nodiscard"])
+            meta = replace(meta, reclaim=reclaim)
+        return self.store.volumes.save_meta(entry, meta)

@@ -1,0 +1,118 @@
+"""A stateful fake of the OS layer: loop devices, filesystems and mounts in memory, so
+service logic can be tested quickly and without root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from csi_driver.oslayer import LoopDevice, MountEntry
+
+
+class FakeOS:
+    def __init__(self) -> None:
+        self.loops: dict[int, str] = {}
+        self.readonly: set[int] = set()
+        self.fs: dict[str, str] = {}  # image path or device -> fs type
+        self.mount_table: list[MountEntry] = []
+        self.calls: list[tuple[str, ...]] = []
+        self.frozen: set[str] = set()
+        self.missing: list[str] = []
+
+    def _dev(self, index: int) -> LoopDevice:
+        image = self.loops[index]
+        return LoopDevice(f"/dev/loop{index}", image, f"7:{index}", True, index in self.readonly,
+                          os.stat(image).st_size if os.path.exists(image) else 0)
+
+    def _image_of(self, device: str) -> str:
+        return self.loops[int(device.removeprefix("/dev/loop"))]
+
+    def loop_devices(self) -> list[LoopDevice]:
+        return [self._dev(i) for i in sorted(self.loops)]
+
+    def find_loop(self, image: Path) -> LoopDevice | None:
+        real = os.path.realpath(image)
+        return next((self._dev(i) for i, f in self.loops.items() if f == real), None)
+
+    def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice:
+        self.calls.append(("attach", str(image)))
+        index = next(i for i in range(1024) if i not in self.loops)
+        self.loops[index] = os.path.realpath(image)
+        if readonly:
+            self.readonly.add(index)
+        return self._dev(index)
+
+    def detach_loop(self, device: str) -> None:
+        self.calls.append(("detach", device))
+        self.loops.pop(int(device.removeprefix("/dev/loop")), None)
+
+    def refresh_loop(self, device: str) -> None:
+        self.calls.append(("refresh", device))
+
+    def set_device_readonly(self, device: str, readonly: bool) -> None:
+        index = int(device.removeprefix("/dev/loop"))
+        (self.readonly.add if readonly else self.readonly.discard)(index)
+
+    def probe_fs(self, path: str) -> str | None:
+        key = self._image_of(path) if path.startswith("/dev/loop") else os.path.realpath(path)
+        return self.fs.get(key)
+
+    def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
+        self.calls.append(("mkfs", path, fstype))
+        key = self._image_of(path) if path.startswith("/dev/loop") else os.path.realpath(path)
+        if key in self.fs:
+            raise AssertionError(f"mkfs over an existing filesystem on {key}")
+        self.fs[key] = fstype
+
+    def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None:
+        self.calls.append(("mount", source, target))
+        index = int(source.removeprefix("/dev/loop"))
+        self.mount_table.append(MountEntry(target, "/", f"7:{index}", fstype, source, tuple(options) or ("rw",)))
+
+    def bind_mount(self, source: str, target: str, *, readonly: bool) -> None:
+        self.calls.append(("bind", source, target))
+        opts = ("ro",) if readonly else ("rw",)
+        if source.startswith("/dev/loop"):
+            self.mount_table.append(MountEntry(target, "/" + Path(source).name, "0:5", "devtmpfs", "udev", opts))
+            return
+        src = next(m for m in reversed(self.mount_table) if m.mount_point == source)
+        self.mount_table.append(MountEntry(target, src.root, src.major_minor, src.fstype, src.source, opts))
+
+    def unmount(self, target: str) -> None:
+        self.calls.append(("umount", target))
+        for i in range(len(self.mount_table) - 1, -1, -1):
+            if self.mount_table[i].mount_point == target:
+                del self.mount_table[i]
+                return
+        raise AssertionError(f"{target} not mounted")
+
+    def remount(self, target: str, options: Sequence[str]) -> None:
+        self.calls.append(("remount", target, *options))
+
+    def mounts(self) -> list[MountEntry]:
+        return list(self.mount_table)
+
+    def grow_fs(self, fstype: str, device: str, mount_point: str) -> None:
+        self.calls.append(("grow", fstype, device, mount_point))
+
+    def freeze(self, mount_point: str) -> None:
+        self.frozen.add(mount_point)
+
+    def thaw(self, mount_point: str) -> None:
+        self.frozen.discard(mount_point)
+
+    def copy_image(self, source: Path, dest: Path) -> None:
+        shutil.copyfile(source, dest)
+        if os.path.realpath(source) in self.fs:
+            self.fs[os.path.realpath(dest)] = self.fs[os.path.realpath(source)]
+
+    def fs_error_count(self, device: str) -> int:
+        return 0
+
+    def trim(self, mount_point: str) -> int:
+        return 0
+
+    def missing_tools(self) -> list[str]:
+        return list(self.missing)
