@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from . import failpoints
 from .config import TOPOLOGY_KEY, Settings
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
@@ -64,6 +65,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.get(volume_id)
             loop, fresh = self.volumes.attach(entry, readonly=readonly)
+            failpoints.hit("stage.after_attach")
             try:
                 if access == "mount":
                     self._stage_mount(entry, loop, staging, request.volume_capability, readonly)
@@ -93,6 +95,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.os.grow_fs(fs, loop.device, "")  # ext grows offline, before the mount
         os.makedirs(staging, exist_ok=True)
         self.os.mount(loop.device, staging, fs, options)
+        failpoints.hit("stage.after_mount")
         if grow:
             if fs == "xfs":
                 self.os.grow_fs(fs, loop.device, staging)  # xfs grows only while mounted
@@ -108,6 +111,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
             self.volumes.unmount_all(staging)
+            failpoints.hit("unstage.after_unmount")
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
             loop = self.os.find_loop(entry.image)
@@ -324,10 +328,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if size > current:
                 self.volumes.check_room(size - current, f"growing volume {volume_id}")
                 grow_image(entry.image, size, entry.meta.diskformat)
+                failpoints.hit("expand.after_grow_image")
             usage = self.volumes.usage(entry)
             if usage.loop is not None:
                 if usage.loop.size_bytes != size:
                     self.os.refresh_loop(usage.loop.device)
+                    failpoints.hit("expand.after_refresh")
                 mount_point = self.volumes.fs_mount_point(usage) or (path if os.path.isdir(path) else "")
                 fs = (entry.meta.fs_type or self.os.probe_fs(usage.loop.device) or "") if mount_point else ""
                 if fs:

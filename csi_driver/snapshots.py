@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from . import failpoints
 from .errors import AlreadyExists, NotFound, ResourceExhausted
 from .store import Entry, Meta, Store
 from .volumes import Volumes
@@ -54,6 +55,7 @@ class Snapshots:
             self.os.freeze(frozen)
         try:
             self.os.copy_image(source.image, image)
+            failpoints.hit("snapshot.after_copy")
             fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)

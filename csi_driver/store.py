@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import failpoints
 from .errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def write_atomic(path: Path, data: str) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    failpoints.hit("meta.before_replace")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -205,8 +207,10 @@ class Collection:
         tmp.mkdir(mode=0o700)
         try:
             build(tmp / IMAGE)
+            failpoints.hit(f"{self.kind}.create.after_build")
             write_atomic(tmp / META, meta.to_json())
             _fsync_dir(tmp)
+            failpoints.hit(f"{self.kind}.create.before_rename")
             os.rename(tmp, final)
             _fsync_dir(self.root)
         except BaseException:
@@ -227,6 +231,7 @@ class Collection:
         except FileNotFoundError:
             return False
         _fsync_dir(self.root)
+        failpoints.hit(f"{self.kind}.delete.after_rename")
         shutil.rmtree(trash)
         return True
 

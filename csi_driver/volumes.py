@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import LoopDevice, MountEntry, OSLayer
@@ -110,6 +111,7 @@ class Volumes:
                 self._build_from(image, source[1], size, params)
             else:
                 create_image(image, size, params.diskformat)
+                failpoints.hit("create.after_image")
                 if params.fs_type:
                     self.os.mkfs(str(image), params.fs_type, discard=params.diskformat == "thin")
 
@@ -123,6 +125,7 @@ class Volumes:
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
         self.os.copy_image(source.image, image)
+        failpoints.hit("restore.after_copy")
         fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_size < size:
@@ -159,6 +162,7 @@ class Volumes:
             fs = requested or entry.meta.fs_type or "ext4"
             log.info("volume %s has no filesystem: making %s", entry.id, fs)
             self.os.mkfs(loop.device, fs, discard=entry.meta.diskformat == "thin")
+            failpoints.hit("stage.after_mkfs")
             return fs
         if requested and found != requested:
             raise FailedPrecondition(
