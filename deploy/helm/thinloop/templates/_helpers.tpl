@@ -1,0 +1,17 @@
+{{/* Labels every object carries. */}}
+{{- define "thinloop.labels" -}}
+app.kubernetes.io/name: thinloop
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Host directory holding the driver's socket. */}}
+{{- define "thinloop.pluginDir" -}}
+{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}
+{{- end -}}
+
+{{/* repository:tag of one entry of .Values.images. */}}
+{{- define "thinloop.image" -}}
+{{ .repository }}:{{ .tag }}
+{{- end -}}

@@ -1,0 +1,1 @@
+"""Tests of the Kubernetes deployment files (no cluster needed)."""

@@ -1,0 +1,60 @@
+"""Rendering and lookup helpers for the deployment tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
+CHART_DIR = ROOT / "deploy" / "helm" / "thinloop"
+EXAMPLES_DIR = ROOT / "examples"
+METRICS_DIR = ROOT / "deploy" / "metrics"
+SCRIPTS = [ROOT / "scripts" / n for n in ("kind-up.sh", "minikube-up.sh", "e2e.sh")]
+NAMESPACE = "thinloop"
+
+Obj = dict[str, Any]
+
+
+def load_all(text: str) -> list[Obj]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def kustomize(path: Path) -> list[Obj]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomize base")
+    out = subprocess.run([kubectl, "kustomize", str(path)], check=True,
+                         capture_output=True, text=True, timeout=120)
+    return load_all(out.stdout)
+
+
+def render_chart(values: dict[str, Any] | None = None) -> list[Obj]:
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed: cannot render the chart")
+    with helm.Chart.load(str(CHART_DIR)) as chart:
+        files = chart.render(values or {}, name="thinloop", namespace=NAMESPACE)
+    objs: list[Obj] = []
+    for name in sorted(files):
+        if name.endswith((".yaml", ".yml")):
+            objs.extend(load_all(files[name]))
+    return objs
+
+
+def find(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    hits = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    return hits[0]
+
+
+def containers(obj: Obj) -> dict[str, Obj]:
+    return {c["name"]: c for c in obj["spec"]["template"]["spec"]["containers"]}
+
+
+def iter_files(directory: Path) -> Iterator[Path]:
+    yield from sorted(directory.glob("*.yaml"))
