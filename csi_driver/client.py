@@ -12,9 +12,10 @@ from .proto import csi_pb2, csi_pb2_grpc
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 
 
-def capability(block: bool = False, fs_type: str = "", mode: int = AccessMode.SINGLE_NODE_WRITER,
+def capability(block: bool = False, fs_type: str = "",
+               mode: int = AccessMode.SINGLE_NODE_WRITER,
                mount_flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
-    cap = csi_pb2.VolumeCapability(access_mode=AccessMode(mode=mode))
+    cap = csi_pb2.VolumeCapability(access_mode=AccessMode(mode=mode))  # type: ignore[arg-type]
     if block:
         cap.block.SetInParent()
     else:

@@ -128,7 +128,8 @@ class Demo:
         c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id=vol.volume_id, staging_target_path=str(self.staging)))
         c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
-        print(f"volumes left: {[e.volume.volume_id for e in c.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries]}")
+        left = c.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
+        print(f"volumes left: {[e.volume.volume_id for e in left]}")
 
     def publish(self, c: CsiClient, volume_id: str, cap: csi_pb2.VolumeCapability) -> None:
         self.target.parent.mkdir(parents=True, exist_ok=True)

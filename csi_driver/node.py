@@ -334,7 +334,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if usage.loop.size_bytes != size:
                     self.os.refresh_loop(usage.loop.device)
                     failpoints.hit("expand.after_refresh")
-                mount_point = self.volumes.fs_mount_point(usage) or (path if os.path.isdir(path) else "")
+                mount_point = (self.volumes.fs_mount_point(usage) or staging
+                               or (path if os.path.isdir(path) else ""))
                 fs = (entry.meta.fs_type or self.os.probe_fs(usage.loop.device) or "") if mount_point else ""
                 if fs:
                     self._grow_online(entry, fs, usage.loop.device, mount_point)

@@ -3,6 +3,7 @@ RPC, socket hygiene, start-up recovery and graceful shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -51,7 +52,7 @@ def _subject(request: Any) -> dict[str, str]:
     return out
 
 
-class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps DriverError to its code, anything else to INTERNAL (traceback logged), and
     writes one structured line per call."""
 
@@ -63,7 +64,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         elapsed = time.monotonic() - started
         try:
             self._record(method, request, elapsed, code, detail)
-        except Exception:  # noqa: BLE001 - a log or metrics fault must not fail the RPC
+        except Exception:
             logging.getLogger(__name__).exception("recording %s failed", method)
 
     def _record(self, method: str, request: Any, elapsed: float, code: grpc.StatusCode,
@@ -98,7 +99,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 started = time.monotonic()
                 try:
                     response = inner(request, context)
-                except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                except Exception as exc:
                     code, detail = self._fail(exc, method)
                     self._finish(method, request, started, code, detail)
                     context.abort(code, detail)
@@ -115,7 +116,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 started = time.monotonic()
                 try:
                     yield from inner_stream(request, context)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     code, detail = self._fail(exc, method)
                     self._finish(method, request, started, code, detail)
                     context.abort(code, detail)
@@ -239,9 +240,7 @@ def serve(settings: Settings, driver: Driver | None = None,
         ready.set()
     stop.wait()
     server.stop(grace=30).wait()
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     startlog.info("stopped")
     return 0

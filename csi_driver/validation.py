@@ -76,7 +76,7 @@ def check_capability(cap: csi_pb2.VolumeCapability) -> str:
         if fs and fs not in FILESYSTEMS:
             raise InvalidArgument(f"fs_type {fs!r} is not supported; use one of {', '.join(FILESYSTEMS)}")
         check_mount_flags(cap.mount.mount_flags)
-    return access
+    return str(access)
 
 
 def check_capabilities(caps: Iterable[csi_pb2.VolumeCapability]) -> set[str]:
@@ -123,10 +123,8 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
     fs = wanted.pop() if wanted else ""
     if fs and fs not in FILESYSTEMS:
         raise InvalidArgument(f"fsType {fs!r} is not supported; use one of {', '.join(FILESYSTEMS)}")
-    if "mount" in kinds:
-        fs = fs or DEFAULT_FS
-    elif fs:
-        raise InvalidArgument(f"fsType {fs!r} given for a block-only volume")
+    # A raw block volume has no filesystem: a class-wide fsType does not apply to it.
+    fs = (fs or DEFAULT_FS) if "mount" in kinds else ""
     diskformat = parameters.get("diskformat", "thin")
     if diskformat not in DISKFORMATS:
         raise InvalidArgument(f"diskformat {diskformat!r} is not supported; use one of {', '.join(DISKFORMATS)}")
@@ -189,7 +187,7 @@ def parse_quantity(text: str) -> int:
     value = float(m.group(1)) * _SUFFIX[m.group(2) or ""]
     if not math.isfinite(value) or value <= 0:
         raise InvalidArgument(f"size {text[:40]!r} must be positive")
-    return int(math.ceil(value))
+    return math.ceil(value)
 
 
 def confine(path: str, root: Path, what: str) -> str:

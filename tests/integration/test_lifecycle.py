@@ -120,6 +120,6 @@ def test_reboot_rebuilds_loop_and_mounts(driver: Driver) -> None:
         stage(c, p.volume_id, p.staging, fs)
         publish(c, p.volume_id, p.staging, p.target, fs)
         assert read_sum(p) == sums[fs], f"{fs} data changed across the reboot"
-    for fs, p in pubs.items():
+    for p in pubs.values():
         down(c, p)
         delete(c, p.volume_id)

@@ -63,6 +63,7 @@ def test_params_defaults_and_sources() -> None:
     assert resolve_params({"csi.storage.k8s.io/fstype": "ext3"}, [cap_for("")]).fs_type == "ext3"
     assert resolve_params({}, [cap_for("xfs")]).fs_type == "xfs"
     assert resolve_params({}, [cap_for("block")]).fs_type == ""
+    assert resolve_params({"fsType": "xfs"}, [cap_for("block")]).fs_type == ""  # class-wide fsType
     extra = resolve_params({"csi.storage.k8s.io/pvc/name": "data"}, [cap_for("")]).extra
     assert extra == {"csi.storage.k8s.io/pvc/name": "data"}
 
@@ -73,7 +74,6 @@ def test_params_defaults_and_sources() -> None:
     ({"fsType": "xfs"}, ["ext4"], "different values"),
     ({"diskformat": "thick"}, [""], "diskformat"),
     ({"reclaim": "sometimes"}, [""], "reclaim"),
-    ({"fsType": "ext4"}, ["block"], "block-only"),
     ({}, [], "volume_capabilities is required"),
 ])
 def test_params_rejected_with_a_named_reason(params: dict[str, str], caps: list[str], needle: str) -> None:
