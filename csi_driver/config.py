@@ -163,4 +163,4 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
 def _valid_driver_name(name: str) -> bool:
     if not name or len(name) > 63 or not name[0].isalnum() or not name[-1].isalnum():
         return False
-    return all(c.isalnum() and c.isascii() or c in "-." for c in name)
+    return all((c.isalnum() and c.isascii()) or c in "-." for c in name)

@@ -55,6 +55,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
             caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.CONTROLLER_SERVICE)))
         caps.append(PluginCap(service=PluginCap.Service(
             type=PluginCap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)))
+        if self.os is not None:
+            caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.SNAPSHOT_METADATA_SERVICE)))
         caps.append(PluginCap(volume_expansion=PluginCap.VolumeExpansion(
             type=PluginCap.VolumeExpansion.ONLINE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)

@@ -28,6 +28,7 @@ from .node import NodeService
 from .oslayer import OSLayer
 from .proto import csi_pb2_grpc
 from .runner import CommandError
+from .snapmeta import SnapshotMetadataService
 from .snapshots import Snapshots
 from .store import Store
 from .volumes import Volumes
@@ -155,9 +156,33 @@ class Driver:
         """Finish or remove what interrupted operations left behind; log each action."""
         if self.store is None:
             return []
-        actions = self.store.recover()
+        actions = self.store.recover() + self.thaw_frozen()
         for action in actions:
             startlog.info("recovery: %s", action)
+        return actions
+
+    def thaw_frozen(self) -> list[str]:
+        """A crash between a snapshot's freeze and thaw leaves the volume's filesystem
+        frozen, hanging every writer: thaw the filesystems of this driver's loop devices.
+        fsfreeze fails with EINVAL on one that is not frozen, which is the usual case."""
+        if self.oslayer is None or self.store is None:
+            return []
+        actions = []
+        root = os.path.realpath(self.store.volumes.root) + os.sep
+        mounts = self.oslayer.mounts()
+        for loop in self.oslayer.loop_devices():
+            if not loop.backing_file.startswith(root):
+                continue
+            own = [m.mount_point for m in mounts if m.major_minor == loop.major_minor and m.root == "/"]
+            if not own:
+                continue
+            try:
+                self.oslayer.thaw(own[0])  # one superblock: thawing one of its mounts is enough
+            except CommandError as exc:
+                if "Invalid argument" not in exc.stderr:
+                    startlog.warning("recovery: cannot thaw %s: %s", own[0], exc)
+                continue
+            actions.append(f"thawed {own[0]} ({loop.device}), left frozen by an interrupted snapshot")
         return actions
 
     def add_services(self, server: grpc.Server) -> None:
@@ -168,6 +193,8 @@ class Driver:
         if self.settings.runs_node and self.volumes is not None:
             csi_pb2_grpc.add_NodeServicer_to_server(
                 NodeService(self.settings, self.volumes, self.inflight), server)
+        if self.snapshots is not None:
+            csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataService(self.snapshots), server)
 
     def make_server(self, max_workers: int = 16) -> grpc.Server:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
@@ -215,7 +242,14 @@ def serve(settings: Settings, driver: Driver | None = None,
     path = str(settings.socket_path)
     prepare_socket(path)
     driver = driver or Driver.build(settings)
-    driver.recover()
+    recovered = driver.recover()
+    metrics_server = None
+    if settings.metrics_address:
+        from .metrics import start as start_metrics
+        try:
+            metrics_server = start_metrics(driver, settings.metrics_address, recovered)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot serve metrics on {settings.metrics_address}: {exc}") from None
     server = driver.make_server()
     old_umask = os.umask(0o077)
     try:
@@ -240,6 +274,8 @@ def serve(settings: Settings, driver: Driver | None = None,
         ready.set()
     stop.wait()
     server.stop(grace=30).wait()
+    if metrics_server is not None:
+        metrics_server.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     startlog.info("stopped")

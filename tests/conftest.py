@@ -35,6 +35,8 @@ class Driver:
 
     root: Path
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the driver process (e.g. THINLOOP_FAILPOINTS)."""
     proc: subprocess.Popen[bytes] | None = None
     _client: CsiClient | None = None
 
@@ -62,7 +64,7 @@ class Driver:
     def start(self) -> Driver:
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, env={**os.environ})
+        self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, env={**os.environ, **self.env})
         log.close()
         wait_for_socket(str(self.socket))
         return self
