@@ -5,7 +5,6 @@ file access (expansion requests, capability checks)."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -13,7 +12,15 @@ import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from .config import TOPOLOGY_KEY, Settings
-from .errors import Aborted, AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unimplemented,
+)
 from .inflight import InFlight
 from .proto import csi_pb2, csi_pb2_grpc
 from .snapshots import Snapshots
@@ -21,6 +28,7 @@ from .store import Entry, check_id
 from .validation import (
     DISKFORMATS,
     RECLAIM_MODES,
+    VolumeParams,
     check_capabilities,
     fits_range,
     require,
@@ -83,15 +91,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     @property
     def volumes(self) -> Volumes:
         if self._volumes is None:
-            raise_unimplemented("this RPC needs the node's files; it is served by the node plugin")
-        assert self._volumes is not None
+            raise Unimplemented("this RPC needs the node's files; it is served by the node plugin")
         return self._volumes
 
     @property
     def snapshots(self) -> Snapshots:
         if self._snapshots is None:
-            raise_unimplemented("snapshots are served by the node plugin")
-        assert self._snapshots is not None
+            raise Unimplemented("snapshots are served by the node plugin")
         return self._snapshots
 
     def topology(self) -> csi_pb2.Topology:
@@ -137,11 +143,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 self._check_compatible(existing, request, params)
                 return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(existing))
             source = None
-            if source_kind == "snapshot":
-                snap = self.snapshots.get(source_id)
-                source = ("snapshot", snap)
-            elif source_kind == "volume":
-                source = ("volume", self.volumes.get(source_id))
+            try:
+                if source_kind == "snapshot":
+                    source = ("snapshot", self.snapshots.get(source_id))
+                elif source_kind == "volume":
+                    source = ("volume", self.volumes.get(source_id))
+            except NotFound as exc:
+                raise NotFound(f"{exc.message}. A restore or clone is made on the node that holds its "
+                               "source; a source on another node cannot be used") from None
             if source is not None:
                 self._check_source(source[1], size, params)
             entry = self.volumes.create(volume_id, size, params, source=source,
@@ -156,31 +165,30 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         for topo in terms:
             if topo.segments.get(TOPOLOGY_KEY) == self.settings.node_id:
                 return
-        from .errors import ResourceExhausted
         raise ResourceExhausted(
             f"this driver instance serves node {self.settings.node_id}, which is not among the "
             "requested topologies")
 
-    def _check_source(self, source: Entry, size: int, params: object) -> None:
+    def _check_source(self, source: Entry, size: int, params: VolumeParams) -> None:
         src_size = source.size_bytes()
         if size < src_size:
             raise OutOfRange(f"requested {size} bytes is smaller than the source's {src_size} bytes")
         src_fs = source.meta.fs_type
-        fs = getattr(params, "fs_type", "")
+        fs = params.fs_type
         if fs and src_fs and fs != src_fs:
             raise InvalidArgument(f"the source holds {src_fs}; a copy cannot be {fs}")
 
     def _check_compatible(self, existing: Entry, request: csi_pb2.CreateVolumeRequest,
-                          params: object) -> None:
+                          params: VolumeParams) -> None:
         meta = existing.meta
         problems = []
         size = existing.size_bytes()
         if not fits_range(size, request.capacity_range if request.HasField("capacity_range") else None):
             problems.append(f"its size is {size} bytes")
-        fs = getattr(params, "fs_type", "")
+        fs = params.fs_type
         if fs != meta.fs_type:
             problems.append(f"it holds {meta.fs_type or 'no filesystem'}")
-        if getattr(params, "diskformat", "") != meta.diskformat:
+        if params.diskformat != meta.diskformat:
             problems.append(f"its diskformat is {meta.diskformat}")
         kind = ""
         src = ""
@@ -413,11 +421,3 @@ def _maybe(fn: Callable[[], T]) -> T | None:
     except (InvalidArgument, NotFound):
         return None
 
-
-def raise_unimplemented(message: str) -> None:
-    from .errors import Unimplemented
-    raise Unimplemented(message)
-
-
-def now() -> float:
-    return time.time()
