@@ -68,9 +68,9 @@ def host_path_of(pod_spec: Obj, container: Obj, path_in_container: str) -> str:
     for mount in container["volumeMounts"]:
         mp = PurePosixPath(mount["mountPath"])
         p = PurePosixPath(path_in_container)
-        if p == mp or mp in p.parents:
-            if best is None or len(mp.parts) > len(PurePosixPath(best["mountPath"]).parts):
-                best = mount
+        covers = p == mp or mp in p.parents
+        if covers and (best is None or len(mp.parts) > len(PurePosixPath(best["mountPath"]).parts)):
+            best = mount
     assert best is not None, f"{path_in_container} is not on any mount of {container['name']}"
     vol = volumes[best["name"]]
     assert "hostPath" in vol, f"{path_in_container} is not on a hostPath volume"
