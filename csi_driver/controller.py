@@ -35,7 +35,7 @@ from .validation import (
     resolve_params,
     size_from_range,
 )
-from .volumes import Volumes
+from .volumes import HostView, Volumes
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
-    def _list_entry(self, entry: Entry) -> csi_pb2.ListVolumesResponse.Entry:
-        usage = self.volumes.usage(entry)
-        problems = self.volumes.health(entry, usage)
+    def _list_entry(self, entry: Entry, view: HostView | None = None) -> csi_pb2.ListVolumesResponse.Entry:
+        usage = self.volumes.usage(entry, view)
+        problems = self.volumes.health(entry, usage, view)
         status = csi_pb2.ListVolumesResponse.VolumeStatus(
             published_node_ids=[self.settings.node_id] if usage.in_use else [],
             volume_condition=csi_pb2.VolumeCondition(abnormal=bool(problems),
@@ -266,10 +266,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         ids, token = paginate(self.volumes.store.volumes.ids(), request.max_entries,
                               request.starting_token)
         entries = []
+        view = self.volumes.host_view()  # one read of the loop and mount tables per page
         for vid in ids:
             entry = self.volumes.store.volumes.get(vid)
             if entry is not None:
-                entries.append(self._list_entry(entry))
+                entries.append(self._list_entry(entry, view))
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=token)
 
     def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,

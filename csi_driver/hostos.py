@@ -198,6 +198,14 @@ class HostOS:
             raise CommandError(res.argv, res.returncode, res.stderr)
         return res.stdout.strip() or None
 
+    def superblock_fs(self, path: str) -> str | None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2048)
+        except OSError:
+            return None
+        return fs_from_superblock(head)
+
     def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
         if fstype in ("ext3", "ext4"):
             argv = [f"mkfs.{fstype}", "-q", "-F", "-b", "4096"]
@@ -271,6 +279,25 @@ class HostOS:
 
     def missing_tools(self) -> list[str]:
         return [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+
+
+EXT_MAGIC_AT = 1024 + 0x38
+EXT_COMPAT_HAS_JOURNAL = 0x4
+EXT_INCOMPAT_EXTENTS = 0x40
+
+
+def fs_from_superblock(head: bytes) -> str | None:
+    """Recognise the filesystems this driver makes from their first 2 KiB."""
+    if head[:4] == b"XFSB":
+        return "xfs"
+    if len(head) >= 1128 and head[EXT_MAGIC_AT:EXT_MAGIC_AT + 2] == b"\x53\xef":
+        compat = int.from_bytes(head[1024 + 0x5C:1024 + 0x60], "little")
+        incompat = int.from_bytes(head[1024 + 0x60:1024 + 0x64], "little")
+        if incompat & EXT_INCOMPAT_EXTENTS:
+            return "ext4"
+        if compat & EXT_COMPAT_HAS_JOURNAL:
+            return "ext3"
+    return None
 
 
 def sector_size_for(path: Path) -> int:

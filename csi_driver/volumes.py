@@ -39,6 +39,15 @@ class Usage:
         return ", ".join(parts) or "not in use"
 
 
+@dataclass(frozen=True)
+class HostView:
+    """What the host looks like at one moment: loop devices by backing file, mounts, free bytes."""
+
+    loops: dict[str, LoopDevice]
+    mounts: list[MountEntry]
+    free_bytes: int
+
+
 def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
     """Mounts of the loop's filesystem and bind mounts of its device node."""
     name = "/" + Path(loop.device).name
@@ -69,10 +78,19 @@ class Volumes:
             raise NotFound(f"volume {volume_id} does not exist on node {self.settings.node_id}")
         return entry
 
-    def usage(self, entry: Entry) -> Usage:
-        loop = self.os.find_loop(entry.image)
-        mounts = device_mounts(self.os.mounts(), loop) if loop is not None else []
+    def usage(self, entry: Entry, view: HostView | None = None) -> Usage:
+        if view is None:
+            loop = self.os.find_loop(entry.image)
+            mounts = device_mounts(self.os.mounts(), loop) if loop is not None else []
+        else:
+            loop = view.loops.get(os.path.realpath(entry.image))
+            mounts = device_mounts(view.mounts, loop) if loop is not None else []
         return Usage(loop, mounts)
+
+    def host_view(self) -> HostView:
+        """Loop table, mount table and free space read once, for calls over many volumes."""
+        return HostView({d.backing_file: d for d in self.os.loop_devices()}, self.os.mounts(),
+                        self.store.free_bytes())
 
     # -- capacity -----------------------------------------------------------------------
 
@@ -153,6 +171,9 @@ class Volumes:
     def ensure_filesystem(self, entry: Entry, loop: LoopDevice, requested: str) -> str:
         """The filesystem on the device. Makes one only when blkid finds none and the
         volume was not created as a raw block volume; never reformats."""
+        quick = self.os.superblock_fs(str(entry.image))
+        if quick is not None and quick == entry.meta.fs_type and requested in ("", quick):
+            return quick  # the superblock agrees with what CreateVolume made: no blkid needed
         found = self.os.probe_fs(loop.device)
         if found is None:
             if entry.meta.parameters.get("access_type") == "block":
@@ -185,12 +206,12 @@ class Volumes:
             self.os.unmount(path)
         raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
 
-    def health(self, entry: Entry, usage: Usage | None = None) -> list[str]:
+    def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""
         problems: list[str] = []
         if not entry.image.is_file():
             return [f"image {entry.image} is missing"]
-        usage = usage or self.usage(entry)
+        usage = usage or self.usage(entry, view)
         if usage.loop is not None:
             errors = self.os.fs_error_count(usage.loop.device)
             if errors:
@@ -199,7 +220,7 @@ class Volumes:
                 problems.append("the loop device's backing file was removed")
         st = os.stat(entry.image)
         unwritten = st.st_size - st.st_blocks * 512
-        free = self.store.free_bytes()
+        free = view.free_bytes if view is not None else self.store.free_bytes()
         if unwritten > 0 and free < min(unwritten, 64 << 20):
             problems.append(
                 f"the node's data filesystem is full ({free} bytes free): writes to unallocated "

@@ -59,6 +59,9 @@ class FakeOS:
         key = self._image_of(path) if path.startswith("/dev/loop") else os.path.realpath(path)
         return self.fs.get(key)
 
+    def superblock_fs(self, path: str) -> str | None:
+        return self.fs.get(os.path.realpath(path))
+
     def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
         self.calls.append(("mkfs", path, fstype))
         key = self._image_of(path) if path.startswith("/dev/loop") else os.path.realpath(path)
