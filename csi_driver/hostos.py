@@ -64,6 +64,7 @@ class HostOS:
         self.sector_size = sector_size
         """Logical sector size for new loop devices, matched to the disk under the data dir."""
         self._attach_lock = threading.Lock()
+        self._loop_hint: dict[str, str] = {}
 
     # -- loop devices -----------------------------------------------------------------
 
@@ -100,10 +101,29 @@ class HostOS:
         return found
 
     def find_loop(self, image: Path) -> LoopDevice | None:
+        """Only backing_file is read for each device; the rest only for the match. The last
+        device seen for an image is tried first (a hint, always checked against sysfs)."""
         wanted = os.path.realpath(image)
-        for dev in self.loop_devices():
-            if dev.backing_file == wanted:
+        hint = self._loop_hint.get(wanted)
+        try:
+            names = [n for n in os.listdir(self.sys_block) if n.startswith("loop")]
+        except OSError:
+            return None
+        if hint in names:
+            names.remove(hint)
+            names.insert(0, hint)
+        for name in names:
+            try:
+                with open(self.sys_block / name / "loop" / "backing_file") as f:
+                    if f.read().rstrip("\n") != wanted:
+                        continue
+            except OSError:
+                continue  # not attached
+            dev = self._read_loop(name)
+            if dev is not None and dev.backing_file == wanted:
+                self._loop_hint[wanted] = name
                 return dev
+        self._loop_hint.pop(wanted, None)
         return None
 
     def _ensure_node(self, index: int) -> str:
