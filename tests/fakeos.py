@@ -10,12 +10,13 @@ from pathlib import Path
 
 from csi_driver.oslayer import LoopDevice, MountEntry
 
+MARKER = b"FAKEFS:"
+
 
 class FakeOS:
     def __init__(self) -> None:
         self.loops: dict[int, str] = {}
         self.readonly: set[int] = set()
-        self.fs: dict[str, str] = {}  # image path or device -> fs type
         self.mount_table: list[MountEntry] = []
         self.calls: list[tuple[str, ...]] = []
         self.frozen: set[str] = set()
@@ -55,19 +56,24 @@ class FakeOS:
         index = int(device.removeprefix("/dev/loop"))
         (self.readonly.add if readonly else self.readonly.discard)(index)
 
+    # The "filesystem" is a marker written into the image itself, so it follows renames
+    # and copies exactly as a real superblock would.
     def probe_fs(self, path: str) -> str | None:
-        key = self._image_of(path) if path.startswith("/dev/loop") else os.path.realpath(path)
-        return self.fs.get(key)
+        image = self._image_of(path) if path.startswith("/dev/loop") else path
+        with open(image, "rb") as f:
+            head = f.read(32)
+        return head[len(MARKER):].split(b"\0")[0].decode() if head.startswith(MARKER) else None
 
     def superblock_fs(self, path: str) -> str | None:
-        return self.fs.get(os.path.realpath(path))
+        return self.probe_fs(path)
 
     def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
         self.calls.append(("mkfs", path, fstype))
-        key = self._image_of(path) if path.startswith("/dev/loop") else os.path.realpath(path)
-        if key in self.fs:
-            raise AssertionError(f"mkfs over an existing filesystem on {key}")
-        self.fs[key] = fstype
+        if self.probe_fs(path) is not None:
+            raise AssertionError(f"mkfs over an existing filesystem on {path}")
+        image = self._image_of(path) if path.startswith("/dev/loop") else path
+        with open(image, "r+b") as f:
+            f.write(MARKER + fstype.encode() + b"\0")
 
     def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None:
         self.calls.append(("mount", source, target))
@@ -108,8 +114,6 @@ class FakeOS:
 
     def copy_image(self, source: Path, dest: Path) -> None:
         shutil.copyfile(source, dest)
-        if os.path.realpath(source) in self.fs:
-            self.fs[os.path.realpath(dest)] = self.fs[os.path.realpath(source)]
 
     def fs_error_count(self, device: str) -> int:
         return 0
