@@ -11,6 +11,7 @@ import re
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 LOOP_MAJOR = 7
 LOOP_CTL_GET_FREE = 0x4C82
 BLKROSET = 0x125D
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_INFO64_SIZE = 232
+LO_FLAGS_OFFSET = 52  # after five u64 and three u32 fields of struct loop_info64
+LO_FLAGS_READ_ONLY = 1
 REQUIRED_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4", "mkfs.ext3",
                   "mkfs.xfs", "resize2fs", "e2fsck", "xfs_growfs", "fsfreeze", "fstrim", "cp")
 _ATTACH_RETRIES = 20
@@ -190,15 +195,40 @@ class HostOS:
             raise last or CommandError(["losetup", image_path], errno.EBUSY, "no free loop device")
 
     def detach_loop(self, device: str) -> None:
+        name = Path(device).name
+        before = self._read_loop(name)
         try:
             self.runner.run(["losetup", "--detach", device], timeout=60)
         except CommandError as exc:
-            if "No such device" in exc.stderr or "No such device or address" in exc.stderr:
-                return  # already detached
-            raise
+            if "No such device" not in exc.stderr:
+                raise
+            # already detached, or being detached by the kernel: wait for it below
+        if before is not None:
+            self._wait_released(name, before.backing_file)
+
+    def _wait_released(self, name: str, backing_file: str, timeout: float = 5.0) -> None:
+        """While anything else holds the device open, the kernel only marks it for
+        auto-clear and lets go of the file at the last close: wait for that, so a
+        DeleteVolume right after unstage does not find the volume still attached."""
+        deadline = time.monotonic() + timeout
+        while (dev := self._read_loop(name)) is not None and dev.backing_file == backing_file:
+            if time.monotonic() > deadline:
+                log.warning("/dev/%s still holds %s %.0fs after detach; the kernel frees it "
+                            "when its last opener closes it", name, backing_file, timeout)
+                return
+            time.sleep(0.02)
 
     def refresh_loop(self, device: str) -> None:
         self.runner.run(["losetup", "--set-capacity", device], timeout=60)
+
+    def attached_read_only(self, device: str) -> bool:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64_SIZE))
+        finally:
+            os.close(fd)
+        flags = int.from_bytes(info[LO_FLAGS_OFFSET:LO_FLAGS_OFFSET + 4], "little")
+        return bool(flags & LO_FLAGS_READ_ONLY)
 
     def set_device_readonly(self, device: str, readonly: bool) -> None:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)

@@ -50,6 +50,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _confine(self, path: str, what: str) -> str:
         return confine(path, self.settings.kubelet_dir, what)
 
+    def _refuse_foreign(self, volume_id: str, path: str) -> None:
+        """Unstage and unpublish unmount whatever is at the path they are given: refuse
+        when that is another volume of this driver, so a call naming one volume can never
+        take another away from its pod."""
+        current = mount_at(self.os.mounts(), path)
+        if current is None:
+            return
+        volumes_root = os.path.realpath(self.volumes.store.volumes.root) + os.sep
+        for loop in self.os.loop_devices():
+            if current.major_minor == loop.major_minor or current.root == "/" + Path(loop.device).name:
+                owner = Path(loop.backing_file).parent.name
+                if loop.backing_file.startswith(volumes_root) and owner != volume_id:
+                    raise FailedPrecondition(
+                        f"{path} holds volume {owner}, not {volume_id}; refusing to unmount it")
+                return
+
     # -- stage ----------------------------------------------------------------------------
 
     def NodeStageVolume(self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
@@ -110,6 +126,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = self._confine(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
+            self._refuse_foreign(volume_id, staging)
             self.volumes.unmount_all(staging)
             failpoints.hit("unstage.after_unmount")
             if entry is None:
@@ -179,6 +196,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 # A read-only bind of a device node still lets writers open it: make the
                 # device itself read-only.
                 self.os.set_device_readonly(loop.device, True)
+            elif not readonly and loop.readonly:
+                # Left read-only by an earlier read-only publish, or attached read-only.
+                if device_mounts(mounts, loop) or self.os.attached_read_only(loop.device):
+                    raise FailedPrecondition(
+                        f"{loop.device} is read-only (staged for reading, or published read-only "
+                        "elsewhere); it cannot also be published writable")
+                self.os.set_device_readonly(loop.device, False)
             self.os.bind_mount(loop.device, target, readonly=readonly)
         except BaseException:
             if created:
@@ -258,8 +282,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = self._confine(request.target_path, "target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
+            self._refuse_foreign(volume_id, target)
             self.volumes.unmount_all(target)
-            if os.path.isdir(target) and not os.path.islink(target):
+            if os.path.islink(request.target_path):
+                os.unlink(request.target_path)  # a link: remove it, never what it points to
+            elif os.path.isdir(target) and not os.path.islink(target):
                 os.rmdir(target)
             elif os.path.lexists(target):
                 os.unlink(target)

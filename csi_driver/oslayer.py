@@ -55,6 +55,10 @@ class OSLayer(Protocol):
 
     def set_device_readonly(self, device: str, readonly: bool) -> None: ...
 
+    def attached_read_only(self, device: str) -> bool:
+        """Whether the loop device itself was set up read-only (losetup --read-only)."""
+        ...
+
     def probe_fs(self, path: str) -> str | None:
         """Filesystem type found by blkid -p on a device or image file, None if none."""
         ...

@@ -52,6 +52,9 @@ class FakeOS:
     def refresh_loop(self, device: str) -> None:
         self.calls.append(("refresh", device))
 
+    def attached_read_only(self, device: str) -> bool:
+        return False
+
     def set_device_readonly(self, device: str, readonly: bool) -> None:
         index = int(device.removeprefix("/dev/loop"))
         (self.readonly.add if readonly else self.readonly.discard)(index)

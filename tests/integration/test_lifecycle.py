@@ -123,3 +123,27 @@ def test_reboot_rebuilds_loop_and_mounts(driver: Driver) -> None:
     for p in pubs.values():
         down(c, p)
         delete(c, p.volume_id)
+
+
+def test_read_only_block_publish_makes_the_device_read_only(driver: Driver) -> None:
+    c = driver.client
+    vol = create(c, "ro-block", 16 * MIB, "block")
+    p = up(c, vol.volume_id, str(driver.kubelet_dir), "block")
+    digest = write_data(p, MIB)
+    c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=p.target))
+    publish(c, vol.volume_id, p.staging, p.target, "block", readonly=True)
+    with pytest.raises(OSError), open(p.target, "r+b", buffering=0) as dev:
+        dev.write(b"x")  # the bind is read-only and so is the device behind it
+    assert read_sum(p, MIB) == digest
+    c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=p.target))
+    publish(c, vol.volume_id, p.staging, p.target, "block")  # writable again
+    write_data(p, MIB, seed=7)
+    down(c, p)
+    delete(c, vol.volume_id)
+
+
+def test_sigterm_finishes_and_removes_the_socket(driver: Driver) -> None:
+    driver.client.identity.Probe(csi_pb2.ProbeRequest())
+    assert driver.stop() == 0
+    assert not driver.socket.exists()
+    driver.start()
