@@ -161,6 +161,15 @@ def grow_image(path: Path, size: int, diskformat: str) -> None:
         os.close(fd)
 
 
+def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a directory tree, or only the link when `path` is a symlink: nothing
+    outside the data dir may be removed through a link planted in it."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 class Collection:
     """A directory of objects, one subdirectory each (volumes/ or snapshots/)."""
 
@@ -232,7 +241,7 @@ class Collection:
             return False
         _fsync_dir(self.root)
         failpoints.hit(f"{self.kind}.delete.after_rename")
-        shutil.rmtree(trash)
+        _remove_tree(trash)
         return True
 
     def recover(self) -> list[str]:
@@ -245,12 +254,12 @@ class Collection:
         for name in names:
             p = self.root / name
             if name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_tree(p, ignore_errors=True)
                 actions.append(f"removed unfinished {self.kind} {name}")
             elif name.startswith(TRASH_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_tree(p, ignore_errors=True)
                 actions.append(f"finished deleting {self.kind} {name}")
-            elif p.is_dir():
+            elif p.is_dir() and not p.is_symlink():  # never reach through a link
                 for leftover in p.glob(f"{TMP_PREFIX}*"):
                     leftover.unlink(missing_ok=True)
                     actions.append(f"removed half-written file {leftover}")

@@ -187,6 +187,8 @@ def parse_quantity(text: str) -> int:
     value = float(m.group(1)) * _SUFFIX[m.group(2) or ""]
     if not math.isfinite(value) or value <= 0:
         raise InvalidArgument(f"size {text[:40]!r} must be positive")
+    if value > MAX_SIZE:  # also keeps it inside the int64 of a CapacityRange
+        raise OutOfRange(f"size {text[:40]!r} is larger than the largest volume ({MAX_SIZE} bytes)")
     return math.ceil(value)
 
 
