@@ -46,8 +46,9 @@ if str(ROOT) not in sys.path:
 
 from csi_driver import benchstats  # noqa: E402
 from csi_driver.client import CsiClient, capability  # noqa: E402
-from csi_driver.hostos import HostOS, parse_mountinfo, sector_size_for  # noqa: E402
+from csi_driver.hostos import HostOS, sector_size_for  # noqa: E402
 from csi_driver.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
+from csi_driver.sweep import mounts_under, sweep  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -115,37 +116,6 @@ def mkfs_argv(fs: str, discard: bool) -> list[str]:
     if fs == "xfs":
         return ["mkfs.xfs", "-q", "-f", "-s", "size=4096", *([] if discard else ["-K"])]
     raise BenchError(f"unsupported filesystem {fs}")
-
-
-def mounts_under(root: Path) -> list[str]:
-    real = os.path.realpath(root)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        entries = parse_mountinfo(f.read())
-    return [m.mount_point for m in entries if m.mount_point == real or m.mount_point.startswith(real + "/")]
-
-
-def loops_under(root: Path) -> list[str]:
-    real = os.path.realpath(root)
-    return [d.device for d in HostOS().loop_devices() if d.backing_file.startswith(real + "/")]
-
-
-def sweep(root: Path) -> list[str]:
-    """Unmount everything under root (deepest first) and detach every loop device backed by
-    a file under root. Returns what was left behind; empty after a clean run."""
-    found: list[str] = []
-    for _ in range(10):
-        points = sorted(set(mounts_under(root)), key=len, reverse=True)
-        if not points:
-            break
-        for p in points:
-            found.append(f"mount {p}")
-            res = subprocess.run(["umount", p], capture_output=True, check=False)
-            if res.returncode != 0:
-                subprocess.run(["umount", "-l", p], capture_output=True, check=False)
-    for dev in loops_under(root):
-        found.append(f"loop {dev}")
-        subprocess.run(["losetup", "--detach", dev], capture_output=True, check=False)
-    return found
 
 
 def sweep_named(kubelet: Path, needle: str) -> list[str]:

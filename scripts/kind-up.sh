@@ -10,7 +10,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLUSTER="${KIND_CLUSTER_NAME:-thinloop}"
 IMAGE="${THINLOOP_IMAGE:-thinloop/thinloop-csi:0.1.0}"
 SNAPSHOTTER_VERSION="v8.6.0"
-CRD_URL="https://raw.githubusercontent.com/kubernetes-csi/external-snapshotter/${SNAPSHOTTER_VERSION}/client/config/crd"
 
 log() { printf '==> %s\n' "$*"; }
 
@@ -18,33 +17,8 @@ for tool in kind docker kubectl; do
   command -v "$tool" >/dev/null 2>&1 || { echo "kind-up.sh: $tool not found in PATH" >&2; exit 1; }
 done
 
-install_snapshot_support() {
-  if kubectl get crd volumesnapshots.snapshot.storage.k8s.io >/dev/null 2>&1; then
-    log "snapshot CRDs already installed"
-  else
-    log "installing snapshot CRDs ${SNAPSHOTTER_VERSION}"
-    kubectl apply \
-      -f "${CRD_URL}/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
-      -f "${CRD_URL}/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
-      -f "${CRD_URL}/snapshot.storage.k8s.io_volumesnapshots.yaml"
-    kubectl wait --for=condition=Established --timeout=60s \
-      crd/volumesnapshotclasses.snapshot.storage.k8s.io \
-      crd/volumesnapshotcontents.snapshot.storage.k8s.io \
-      crd/volumesnapshots.snapshot.storage.k8s.io
-  fi
-  local existing
-  existing="$(kubectl get deployments --all-namespaces \
-    -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name} {.spec.template.spec.containers[*].image}{"\n"}{end}' \
-    | grep '/snapshot-controller:' || true)"
-  if [[ -n "$existing" ]]; then
-    log "snapshot-controller already running: ${existing%% *}"
-    log "it must run with --enable-distributed-snapshotting for thinloop snapshots"
-  else
-    log "installing snapshot-controller ${SNAPSHOTTER_VERSION} (distributed snapshotting)"
-    kubectl apply -k "${ROOT}/deploy/snapshot-controller"
-    kubectl -n kube-system rollout status deployment/snapshot-controller --timeout=180s
-  fi
-}
+# shellcheck source=scripts/lib/cluster.sh
+source "${ROOT}/scripts/lib/cluster.sh"
 
 if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   log "kind cluster ${CLUSTER} exists"
@@ -74,10 +48,7 @@ kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 install_snapshot_support
 
-log "deploying thinloop"
-kubectl apply -k "${ROOT}/deploy/kubernetes"
-kubectl -n thinloop rollout status daemonset/thinloop-node --timeout=300s
-kubectl -n thinloop rollout status deployment/thinloop-controller --timeout=300s
+deploy_thinloop
 
 log "thinloop is running on kind cluster ${CLUSTER}. Next:"
 echo "    scripts/e2e.sh"

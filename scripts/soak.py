@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from csi_driver.client import CsiClient, capability  # noqa: E402
-from csi_driver.hostos import HostOS, parse_mountinfo  # noqa: E402
 from csi_driver.proto import csi_pb2  # noqa: E402
+from csi_driver.sweep import loops_under, mounts_under, sweep  # noqa: E402
 
 MIB = 1 << 20
 WARMUP = 5
@@ -69,21 +69,9 @@ class Report:
         return (e.fds, e.threads, e.loops, e.mounts) == (s.fds, s.threads, s.loops, s.mounts)
 
 
-def _loops_under(root: Path) -> list[str]:
-    real = os.path.realpath(root) + "/"
-    return [d.device for d in HostOS().loop_devices() if d.backing_file.startswith(real)]
-
-
-def _mounts_under(root: Path) -> list[str]:
-    real = os.path.realpath(root)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [m.mount_point for m in parse_mountinfo(f.read())
-                if m.mount_point == real or m.mount_point.startswith(real + "/")]
-
-
 def measure(proc: psutil.Process, root: Path) -> Figures:
-    return Figures(fds=proc.num_fds(), threads=proc.num_threads(), loops=len(_loops_under(root)),
-                   mounts=len(_mounts_under(root)), rss_bytes=proc.memory_info().rss)
+    return Figures(fds=proc.num_fds(), threads=proc.num_threads(), loops=len(loops_under(root)),
+                   mounts=len(mounts_under(root)), rss_bytes=proc.memory_info().rss)
 
 
 def settle(proc: psutil.Process, root: Path, start: Figures, wait: float = 10.0) -> Figures:
@@ -164,14 +152,7 @@ def lifecycle(c: CsiClient, kubelet: Path, i: int) -> None:
 
 def cleanup(root: Path) -> list[str]:
     """Unmount and detach anything left under root (there should be nothing)."""
-    left = []
-    for point in sorted(_mounts_under(root), key=len, reverse=True):
-        left.append(f"mount {point}")
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    for dev in _loops_under(root):
-        left.append(f"loop {dev}")
-        subprocess.run(["losetup", "-d", dev], check=False, capture_output=True)
-    return left
+    return sweep(root)
 
 
 def run(lifecycles: int, root: Path, progress: Callable[[str], None] | None = None) -> Report:

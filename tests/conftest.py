@@ -96,6 +96,13 @@ class Driver:
             self.proc.wait(timeout=30)
             self.proc = None
 
+    def shutdown(self) -> None:
+        """Stop gracefully; kill if that fails. For fixture teardown."""
+        try:
+            self.stop()
+        finally:
+            self.kill()
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -122,8 +129,4 @@ def driver(workdir: Path) -> Iterator[Driver]:
     try:
         yield d
     finally:
-        try:
-            d.stop()
-        finally:
-            if d.proc is not None:
-                d.kill()
+        d.shutdown()

@@ -17,6 +17,8 @@ CHART_DIR = ROOT / "deploy" / "helm" / "thinloop"
 EXAMPLES_DIR = ROOT / "examples"
 METRICS_DIR = ROOT / "deploy" / "metrics"
 SCRIPTS = [ROOT / "scripts" / n for n in ("kind-up.sh", "minikube-up.sh", "e2e.sh")]
+# Every shell file in the repository, for shellcheck.
+SHELL_FILES = sorted([*(ROOT / "scripts").glob("*.sh"), *(ROOT / "scripts" / "lib").glob("*.sh"), ROOT / ".ci" / "run"])
 NAMESPACE = "thinloop"
 
 Obj = dict[str, Any]

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from .manifests import ROOT, SCRIPTS
+from .manifests import ROOT, SCRIPTS, SHELL_FILES
 
 DOCKERFILE = ROOT / "Dockerfile"
 
 
-def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+def run(argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd=cwd)
 
 
 def test_hadolint() -> None:
@@ -49,10 +49,11 @@ def test_bash_syntax(script: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
 def test_shellcheck(script: Path) -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not found (apt-get install shellcheck): scripts NOT linted")
-    res = run([shellcheck, "--severity=style", str(script)])
+    # -x follows the "source" of scripts/lib/cluster.sh from the repository root.
+    res = run([shellcheck, "-x", "--severity=style", str(script)], cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr

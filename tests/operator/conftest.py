@@ -58,10 +58,7 @@ def metrics_driver(workdir: Path) -> Iterator[tuple[Driver, int]]:
     try:
         yield d, wait_for_metrics_port(d)
     finally:
-        try:
-            d.stop()
-        finally:
-            d.kill()
+        d.shutdown()
 
 
 @pytest.fixture
@@ -70,10 +67,7 @@ def json_driver(workdir: Path) -> Iterator[Driver]:
     try:
         yield d
     finally:
-        try:
-            d.stop()
-        finally:
-            d.kill()
+        d.shutdown()
 
 
 def wait_for_metrics_port(d: Driver, timeout: float = 10.0) -> int:

@@ -144,9 +144,6 @@ def module_driver(tmp_path_factory: pytest.TempPathFactory, name: str,
         d.start()
         yield d
     finally:
-        try:
-            d.stop()
-        finally:
-            d.kill()
-            leaked = kernel.cleanup(root)
+        d.shutdown()
+        leaked = kernel.cleanup(root)
         assert leaked == [], f"module left kernel objects behind: {leaked}"

@@ -42,9 +42,8 @@ def small(workdir: Path) -> Iterator[Driver]:
         yield d
     finally:
         try:
-            d.stop()
+            d.shutdown()
         finally:
-            d.kill()
             subprocess.run(["umount", str(d.data_dir)], check=False)
 
 
