@@ -131,6 +131,16 @@ class HostOS:
         self._loop_hint.pop(wanted, None)
         return None
 
+    def loop_of_mount(self, mount: MountEntry) -> LoopDevice | None:
+        major, _, minor = mount.major_minor.partition(":")
+        if major == str(LOOP_MAJOR):
+            name = f"loop{minor}"
+        elif mount.root.startswith("/loop") and mount.fstype in ("devtmpfs", "tmpfs"):
+            name = mount.root[1:]
+        else:
+            return None
+        return self._read_loop(name)
+
     def _ensure_node(self, index: int) -> str:
         """Create /dev/loopN when this container's /dev lacks the node the kernel made."""
         node = self.dev_dir / f"loop{index}"

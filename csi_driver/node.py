@@ -57,14 +57,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         current = mount_at(self.os.mounts(), path)
         if current is None:
             return
+        loop = self.os.loop_of_mount(current)
+        if loop is None:
+            return
         volumes_root = os.path.realpath(self.volumes.store.volumes.root) + os.sep
-        for loop in self.os.loop_devices():
-            if current.major_minor == loop.major_minor or current.root == "/" + Path(loop.device).name:
-                owner = Path(loop.backing_file).parent.name
-                if loop.backing_file.startswith(volumes_root) and owner != volume_id:
-                    raise FailedPrecondition(
-                        f"{path} holds volume {owner}, not {volume_id}; refusing to unmount it")
-                return
+        owner = Path(loop.backing_file).parent.name
+        if loop.backing_file.startswith(volumes_root) and owner != volume_id:
+            raise FailedPrecondition(f"{path} holds volume {owner}, not {volume_id}; refusing to unmount it")
 
     # -- stage ----------------------------------------------------------------------------
 

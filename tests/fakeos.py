@@ -37,6 +37,12 @@ class FakeOS:
         real = os.path.realpath(image)
         return next((self._dev(i) for i, f in self.loops.items() if f == real), None)
 
+    def loop_of_mount(self, mount: MountEntry) -> LoopDevice | None:
+        for dev in self.loop_devices():
+            if mount.major_minor == dev.major_minor or mount.root == "/" + Path(dev.device).name:
+                return dev
+        return None
+
     def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice:
         self.calls.append(("attach", str(image)))
         index = next(i for i in range(1024) if i not in self.loops)
