@@ -14,9 +14,9 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 # .dockerignore keeps tests, docs, deploy files and VCS data out.
 COPY . .
-# Build a wheel so the runtime stage gets neither the source nor pip's
-# build dependencies.
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# Build wheels (the package and everything it needs, kube extra included) so
+# the runtime stage gets neither the source nor pip's build dependencies.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[kube]"
 
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
@@ -40,8 +40,9 @@ RUN apt-get update \
 
 COPY --from=build /wheels /wheels
 # The wheel's own dependencies (grpcio, protobuf, ...) are pinned by the
-# package metadata.
-RUN pip install --no-cache-dir /wheels/*.whl \
+# package metadata. The kube extra lets `thinloopctl node orphans`, run in the
+# node pod, read PersistentVolumes through the in-cluster config.
+RUN pip install --no-cache-dir --no-index --find-links /wheels "thinloop[kube]==${VERSION}" \
  && rm -rf /wheels
 
 ENV PYTHONUNBUFFERED=1
