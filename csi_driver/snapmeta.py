@@ -53,28 +53,41 @@ def _merge(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int
     return [(lo, hi - lo) for lo, hi in out]
 
 
+def _blocks(ranges: list[tuple[int, int]], start: int) -> Iterator[int]:
+    """Indexes of the COMPARE_BLOCK-aligned blocks the ranges touch, ascending, each once."""
+    last = -1
+    for offset, length in ranges:
+        first = max(offset, start) // COMPARE_BLOCK
+        end = -(-(offset + length) // COMPARE_BLOCK)
+        for index in range(max(first, last + 1), end):
+            yield index
+            last = index
+
+
 def changed_ranges(base: str, target: str, start: int = 0) -> Iterator[tuple[int, int]]:
-    """Ranges of target that differ from base, in COMPARE_BLOCK units, merged."""
+    """Ranges of target that differ from base: whole aligned COMPARE_BLOCKs (the last one
+    cut at the end of the image), adjacent ones merged, none overlapping."""
     union = _merge(list(data_ranges(base, start)), list(data_ranges(target, start)))
+    size = os.path.getsize(target)
+    run_start, run_end = -1, -1
     with open(base, "rb", buffering=0) as fb, open(target, "rb", buffering=0) as ft:
-        run_start, run_end = -1, -1
-        for offset, length in union:
-            lo = max(start, offset - offset % COMPARE_BLOCK)
-            end = offset + length
-            while lo < end:
-                n = min(COMPARE_BLOCK, end - lo) if lo % COMPARE_BLOCK == 0 else COMPARE_BLOCK - lo % COMPARE_BLOCK
-                fb.seek(lo)
-                ft.seek(lo)
-                if fb.read(n) != ft.read(n):
-                    if run_end == lo:
-                        run_end = lo + n
-                    else:
-                        if run_start >= 0:
-                            yield run_start, run_end - run_start
-                        run_start, run_end = lo, lo + n
-                lo += n
-        if run_start >= 0:
-            yield run_start, run_end - run_start
+        for index in _blocks(union, start):
+            lo = index * COMPARE_BLOCK
+            n = min(COMPARE_BLOCK, size - lo)
+            if n <= 0:
+                break
+            fb.seek(lo)
+            ft.seek(lo)
+            if fb.read(n) == ft.read(n):
+                continue
+            if lo == run_end:
+                run_end = lo + n
+            else:
+                if run_start >= 0:
+                    yield run_start, run_end - run_start
+                run_start, run_end = lo, lo + n
+    if run_start >= 0:
+        yield run_start, run_end - run_start
 
 
 class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
