@@ -137,10 +137,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 source_id = check_id(request.volume_content_source.volume.volume_id, "source volume_id")
             else:
                 raise InvalidArgument("volume_content_source has no snapshot or volume")
-        with self.inflight.hold(f"vol:{volume_id}", f"{source_kind}:{source_id}" if source_id else ""):
+        source_key = {"snapshot": f"snapshot:{source_id}", "volume": f"vol:{source_id}"}.get(source_kind, "")
+        with self.inflight.hold(f"vol:{volume_id}", source_key):
             existing = self.volumes.store.volumes.get(volume_id)
             if existing is not None:
-                self._check_compatible(existing, request, params)
+                self._check_compatible(existing, request, params, (source_kind, source_id))
                 return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(existing))
             source = None
             try:
@@ -179,7 +180,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument(f"the source holds {src_fs}; a copy cannot be {fs}")
 
     def _check_compatible(self, existing: Entry, request: csi_pb2.CreateVolumeRequest,
-                          params: VolumeParams) -> None:
+                          params: VolumeParams, source: tuple[str, str]) -> None:
         meta = existing.meta
         problems = []
         size = existing.size_bytes()
@@ -190,13 +191,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             problems.append(f"it holds {meta.fs_type or 'no filesystem'}")
         if params.diskformat != meta.diskformat:
             problems.append(f"its diskformat is {meta.diskformat}")
-        kind = ""
-        src = ""
-        if request.HasField("volume_content_source"):
-            kind = request.volume_content_source.WhichOneof("type") or ""
-            src = (request.volume_content_source.snapshot.snapshot_id if kind == "snapshot"
-                   else request.volume_content_source.volume.volume_id)
-        if (kind, src) != (meta.source_kind, meta.source_id):
+        if source != (meta.source_kind, meta.source_id):
             problems.append("it was made from a different source")
         if problems:
             raise AlreadyExists(f"volume {existing.id} already exists and differs: {'; '.join(problems)}")
@@ -398,13 +393,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.ListSnapshotsResponse(
                 entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(e)) for e in entries])
         ids = coll.ids()
+        loaded: dict[str, Entry] = {}
         if request.source_volume_id:
-            wanted = request.source_volume_id
-            ids = [i for i in ids if (e := coll.get(i)) is not None and e.meta.source_id == wanted]
+            loaded = {e.id: e for e in coll.entries() if e.meta.source_id == request.source_volume_id}
+            ids = sorted(loaded)
         page, token = paginate(ids, request.max_entries, request.starting_token)
         out = []
         for sid in page:
-            entry = coll.get(sid)
+            entry = loaded.get(sid) or coll.get(sid)
             if entry is not None:
                 out.append(csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(entry)))
         return csi_pb2.ListSnapshotsResponse(entries=out, next_token=token)

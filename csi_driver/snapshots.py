@@ -4,7 +4,6 @@ filesystem frozen when it is mounted, so the copy is filesystem-consistent."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -50,30 +49,8 @@ class Snapshots:
         return entry
 
     def _copy(self, source: Entry, image: Path) -> None:
-        frozen = self._mounted_fs(source)
-        if frozen:
-            self.os.freeze(frozen)
-        try:
-            self.os.copy_image(source.image, image)
-            failpoints.hit("snapshot.after_copy")
-            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        finally:
-            if frozen:
-                self.os.thaw(frozen)
-
-    def _mounted_fs(self, source: Entry) -> str:
-        """Mount point of the volume's filesystem (its staging mount), or '' if none."""
-        usage = self.volumes.usage(source)
-        if usage.loop is None:
-            return ""
-        for m in usage.mounts:
-            if m.major_minor == usage.loop.major_minor and m.root == "/":
-                return m.mount_point
-        return ""
+        self.volumes.copy_consistent(source, image)
+        failpoints.hit("snapshot.after_copy")
 
     def delete(self, snap_id: str) -> None:
         if self.store.snapshots.delete(snap_id):

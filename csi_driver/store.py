@@ -5,6 +5,7 @@ at any point leaves either the whole object or a leftover that `recover` clears.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -112,26 +114,38 @@ def write_atomic(path: Path, data: str) -> None:
     _fsync_dir(path.parent)
 
 
+@contextmanager
+def room_for(what: str) -> Iterator[None]:
+    """Turn the host filesystem running out of room into RESOURCE_EXHAUSTED."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"no room on the node {what}: {exc.strerror}") from None
+        raise
+
+
+def extend(fd: int, start: int, end: int, diskformat: str) -> None:
+    """Make bytes [start, end) of the image what its diskformat promises: a hole (thin),
+    preallocated (zeroedthick), or preallocated and zero-written (eagerzeroedthick)."""
+    if diskformat == "thin":
+        os.ftruncate(fd, end)
+        return
+    os.posix_fallocate(fd, start, end - start)
+    if diskformat == "eagerzeroedthick":
+        zeros = bytes(_ZERO_CHUNK)
+        os.lseek(fd, start, os.SEEK_SET)
+        left = end - start
+        while left > 0:
+            left -= os.write(fd, zeros[: min(left, _ZERO_CHUNK)])
+
+
 def create_image(path: Path, size: int, diskformat: str) -> None:
-    """thin: sparse; zeroedthick: fallocate; eagerzeroedthick: zeros written. Raises
-    ResourceExhausted when the host filesystem runs out of room."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        if diskformat == "thin":
-            os.ftruncate(fd, size)
-        elif diskformat == "zeroedthick":
-            os.posix_fallocate(fd, 0, size)
-        else:
-            zeros = bytes(_ZERO_CHUNK)
-            left = size
-            while left > 0:
-                n = os.write(fd, zeros[: min(left, _ZERO_CHUNK)])
-                left -= n
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise ResourceExhausted(f"no room on the node for a {size}-byte image: {exc.strerror}") from None
-        raise
+        with room_for(f"for a {size}-byte image"):
+            extend(fd, 0, size, diskformat)
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -140,23 +154,10 @@ def grow_image(path: Path, size: int, diskformat: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         old = os.fstat(fd).st_size
-        if size <= old:
-            return
-        if diskformat == "thin":
-            os.ftruncate(fd, size)
-        else:
-            os.posix_fallocate(fd, old, size - old)
-            if diskformat == "eagerzeroedthick":
-                os.lseek(fd, old, os.SEEK_SET)
-                zeros = bytes(_ZERO_CHUNK)
-                left = size - old
-                while left > 0:
-                    left -= os.write(fd, zeros[: min(left, _ZERO_CHUNK)])
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno in (28, 122):
-            raise ResourceExhausted(f"no room on the node to grow the image: {exc.strerror}") from None
-        raise
+        if size > old:
+            with room_for("to grow the image"):
+                extend(fd, old, size, diskformat)
+                os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -285,13 +286,12 @@ class Store:
     def unused_promises(self) -> int:
         """Bytes that thin images may still grow into: apparent minus allocated."""
         total = 0
-        for coll in (self.volumes,):
-            for obj_id in coll.ids():
-                try:
-                    st = os.stat(coll.root / obj_id / IMAGE)
-                except FileNotFoundError:
-                    continue
-                total += max(0, st.st_size - st.st_blocks * 512)
+        for obj_id in self.volumes.ids():
+            try:
+                st = os.stat(self.volumes.root / obj_id / IMAGE)
+            except FileNotFoundError:
+                continue
+            total += max(0, st.st_size - st.st_blocks * 512)
         return total
 
     def stats(self) -> dict[str, Any]:

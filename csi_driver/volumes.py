@@ -14,7 +14,7 @@ from . import failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import LoopDevice, MountEntry, OSLayer
-from .store import Entry, Meta, Store, create_image
+from .store import Entry, Meta, Store, create_image, extend, room_for
 from .validation import VolumeParams
 
 log = logging.getLogger(__name__)
@@ -141,20 +141,38 @@ class Volumes:
                  params.fs_type or "block", params.diskformat)
         return entry
 
+    def copy_consistent(self, source: Entry, dest: Path) -> None:
+        """Copy the source's image with its filesystem frozen when it is mounted, so the
+        copy is filesystem-consistent; then make the copy durable. (A volume in use as a
+        raw block device cannot be frozen: its copy is only as consistent as the writer
+        makes it; the README says so.)"""
+        frozen = self.fs_mount_point(self.usage(source))
+        if frozen:
+            self.os.freeze(frozen)
+        try:
+            self.os.copy_image(source.image, dest)
+            failpoints.hit("copy.while_frozen")
+        finally:
+            if frozen:
+                self.os.thaw(frozen)
+        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
-        self.os.copy_image(source.image, image)
+        self.copy_consistent(source, image)
         failpoints.hit("restore.after_copy")
         fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
-            if params.diskformat != "thin":
-                os.posix_fallocate(fd, 0, size)
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.errno == 28:
-                raise ResourceExhausted(f"no room on the node to copy {source.id}") from None
-            raise
+            with room_for(f"to copy {source.id}"):
+                copied = os.fstat(fd).st_size
+                if size > copied:
+                    extend(fd, copied, size, params.diskformat)
+                if params.diskformat != "thin":
+                    os.posix_fallocate(fd, 0, size)  # the copy's holes too; never overwrites data
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -198,14 +216,6 @@ class Volumes:
                 f"{loop.device} is still mounted at {', '.join(m.mount_point for m in still)}")
         self.os.detach_loop(loop.device)
 
-    def unmount_all(self, path: str) -> None:
-        """Unmount every mount stacked at path (a crashed retry can stack two)."""
-        for _ in range(8):
-            if mount_at(self.os.mounts(), path) is None:
-                return
-            self.os.unmount(path)
-        raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
-
     def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""
         problems: list[str] = []
@@ -239,14 +249,15 @@ class Volumes:
         self.store.volumes.delete(entry.id)
         log.info("deleted volume %s", entry.id)
 
-    def fs_mount_point(self, usage: Usage) -> str:
-        """Where the volume's own filesystem is mounted (not a bind of it), or ''."""
+    def fs_mount(self, usage: Usage) -> MountEntry | None:
+        """The mount of the volume's own filesystem (not a bind of it), if any."""
         if usage.loop is None:
-            return ""
-        for m in usage.mounts:
-            if m.major_minor == usage.loop.major_minor and m.root == "/":
-                return m.mount_point
-        return ""
+            return None
+        return next((m for m in usage.mounts if m.major_minor == usage.loop.major_minor and m.root == "/"), None)
+
+    def fs_mount_point(self, usage: Usage) -> str:
+        mount = self.fs_mount(usage)
+        return mount.mount_point if mount is not None else ""
 
     def modify(self, entry: Entry, changes: dict[str, str]) -> Entry:
         """Apply mutable parameters to a live volume: thin -> zeroedthick preallocates the
@@ -262,8 +273,9 @@ class Volumes:
             self.check_room(max(0, st.st_size - st.st_blocks * 512), f"preallocating {entry.id}")
             fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                os.posix_fallocate(fd, 0, st.st_size)
-                os.fsync(fd)
+                with room_for(f"to preallocate {entry.id}"):
+                    os.posix_fallocate(fd, 0, st.st_size)
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             meta = replace(meta, diskformat=target)

@@ -309,7 +309,7 @@ def test_frozen_filesystem_is_thawed_at_start(driver: Driver) -> None:
     digest = write_data(p)
     try:
         driver.stop()
-        driver.env = {"THINLOOP_FAILPOINTS": "snapshot.after_copy=kill"}
+        driver.env = {"THINLOOP_FAILPOINTS": "copy.while_frozen=kill"}
         start_ready(driver)
         with pytest.raises(Exception):  # noqa: B017 - the driver dies mid-call
             snapshot(driver.client, "frozen-snap", vol.volume_id)

@@ -194,3 +194,20 @@ def test_controller_mode_touches_no_files(tmp_path: Path) -> None:
     assert {c.rpc.type for c in caps.capabilities} == {
         csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME,
         csi_pb2.ControllerServiceCapability.RPC.SINGLE_NODE_MULTI_WRITER}
+
+
+def test_a_clone_holds_its_source_and_freezes_it(rig: Rig) -> None:
+    from csi_driver.errors import Aborted
+    rig.create("src")
+    staging = rig.stage("src")
+    req = csi_pb2.CreateVolumeRequest(name="copy", volume_capabilities=[cap_for("ext4")],
+                                      capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MIB))
+    req.volume_content_source.volume.volume_id = "src"
+    with rig.driver.inflight.hold("vol:src"), pytest.raises(Aborted):
+        rig.ctrl.CreateVolume(req, CTX)  # the source is busy: same key as every volume call
+    frozen: list[str] = []
+    real_copy = rig.os.copy_image
+    rig.os.copy_image = lambda s, d: (frozen.extend(rig.os.frozen), real_copy(s, d))[1]  # type: ignore[method-assign]
+    rig.ctrl.CreateVolume(req, CTX)
+    assert frozen == [staging], "the source filesystem is frozen while it is copied"
+    assert rig.os.frozen == set()
