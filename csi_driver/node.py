@@ -50,20 +50,59 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _confine(self, path: str, what: str) -> str:
         return confine(path, self.settings.kubelet_dir, what)
 
-    def _refuse_foreign(self, volume_id: str, path: str) -> None:
-        """Unstage and unpublish unmount whatever is at the path they are given: refuse
-        when that is another volume of this driver, so a call naming one volume can never
-        take another away from its pod."""
-        current = mount_at(self.os.mounts(), path)
-        if current is None:
-            return
-        loop = self.os.loop_of_mount(current)
-        if loop is None:
-            return
-        volumes_root = os.path.realpath(self.volumes.store.volumes.root) + os.sep
-        owner = Path(loop.backing_file).parent.name
-        if loop.backing_file.startswith(volumes_root) and owner != volume_id:
-            raise FailedPrecondition(f"{path} holds volume {owner}, not {volume_id}; refusing to unmount it")
+    def _unmount_own(self, volume_id: str, entry: Entry | None, path: str) -> None:
+        """Unmount what this volume has at path, every stacked layer of it. Anything else
+        mounted there (another volume, another driver's mount) is refused, never touched:
+        a call naming one volume can never take something else away from a pod."""
+        image = os.path.realpath(entry.image) if entry is not None else None
+        for _ in range(8):
+            current = mount_at(self.os.mounts(), path)
+            if current is None:
+                return
+            loop = self.os.loop_of_mount(current)
+            if loop is None or loop.backing_file != image:
+                what = f"{loop.device} ({loop.backing_file})" if loop is not None else current.source
+                raise FailedPrecondition(f"{path} holds {what}, not volume {volume_id}; refusing to unmount it")
+            self.os.unmount(path)
+        raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
+
+    @staticmethod
+    def _remove_target(raw: str, target: str) -> None:
+        """Remove the directory or file NodePublish made at the target, nothing else: a
+        symlink is removed itself, a directory only when empty, a file only when empty
+        (block targets are empty files)."""
+        if os.path.islink(raw):
+            os.unlink(raw)
+        elif os.path.isdir(target):
+            try:
+                os.rmdir(target)
+            except OSError as exc:
+                log.warning("left %s in place: %s (not something this driver made)", target, exc.strerror)
+        elif os.path.isfile(target):
+            if os.path.getsize(target) == 0:
+                os.unlink(target)
+            else:
+                log.warning("left %s in place: a non-empty file is not a target this driver made", target)
+
+    def _volume_path(self, raw: str, what: str) -> str:
+        """A stats or expand path: absolute, inside the kubelet dir, existing."""
+        if not os.path.isabs(raw):
+            raise NotFound(f"{what} {raw[:200]!r} does not exist (not an absolute path)")
+        path = self._confine(raw, what)
+        if not os.path.exists(path):
+            raise NotFound(f"{what} {raw[:200]!r} does not exist")
+        return path
+
+    @staticmethod
+    def _mount_options(flags: list[str], fs: str, reclaim: str, readonly: bool) -> list[str]:
+        options = list(flags)
+        if readonly:
+            options.append("ro")
+        elif reclaim == "discard":
+            options.append("discard")
+        if fs == "xfs":
+            options.append("nouuid")  # clones and restores share their source's UUID
+        return options
 
     # -- stage ----------------------------------------------------------------------------
 
@@ -94,17 +133,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                      cap: csi_pb2.VolumeCapability, readonly: bool) -> None:
         current = mount_at(self.os.mounts(), staging)
         if current is not None:
-            if current.major_minor == loop.major_minor and current.root == "/":
-                return  # already staged here
-            raise AlreadyExists(f"{staging} already has another filesystem mounted ({current.source})")
+            if current.major_minor != loop.major_minor or current.root != "/":
+                raise AlreadyExists(f"{staging} already has another filesystem mounted ({current.source})")
+            wanted = cap.mount.fs_type
+            if (wanted and wanted != current.fstype) or current.readonly != readonly:
+                raise AlreadyExists(
+                    f"volume {entry.id} is staged at {staging} as {current.fstype} "
+                    f"{'read-only' if current.readonly else 'read-write'}, not as requested")
+            return  # already staged here, compatibly
         fs = self.volumes.ensure_filesystem(entry, loop, cap.mount.fs_type)
-        options = check_mount_flags(cap.mount.mount_flags)
-        if entry.meta.reclaim == "discard" and not readonly:
-            options.append("discard")
-        if readonly:
-            options.append("ro")
-        if fs == "xfs":
-            options.append("nouuid")  # clones and restores share their source's UUID
+        options = self._mount_options(check_mount_flags(cap.mount.mount_flags), fs, entry.meta.reclaim, readonly)
         grow = entry.meta.needs_fs_grow and not readonly
         if grow and fs != "xfs":
             self.os.grow_fs(fs, loop.device, "")  # ext grows offline, before the mount
@@ -125,8 +163,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = self._confine(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
-            self._refuse_foreign(volume_id, staging)
-            self.volumes.unmount_all(staging)
+            self._unmount_own(volume_id, entry, staging)
             failpoints.hit("unstage.after_unmount")
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
@@ -192,8 +229,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         os.close(fd)
         try:
             if readonly and not loop.readonly:
-                # A read-only bind of a device node still lets writers open it: make the
-                # device itself read-only.
+                # A read-only bind of a device node still lets writers open it: the device
+                # itself must be read-only, which would fail the writers already using it.
+                if device_mounts(mounts, loop):
+                    raise FailedPrecondition(
+                        f"{loop.device} is published writable elsewhere; it cannot also be published "
+                        "read-only (that makes the whole device read-only)")
                 self.os.set_device_readonly(loop.device, True)
             elif not readonly and loop.readonly:
                 # Left read-only by an earlier read-only publish, or attached read-only.
@@ -245,31 +286,30 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         requested = parse_quantity(ctx.get("size", DEFAULT_EPHEMERAL_SIZE))
         rng = csi_pb2.CapacityRange(required_bytes=requested)
         size = size_from_range(rng, params.fs_type)
+        flags = check_mount_flags(request.volume_capability.mount.mount_flags)
         entry = self.volumes.store.volumes.get(volume_id)
+        created = entry is None
         if entry is None:
             entry = self.volumes.create(volume_id, size, params, ephemeral=True, parameters=dict(ctx))
         elif not entry.meta.ephemeral:
             raise AlreadyExists(f"volume {volume_id} exists and is not an ephemeral volume")
-        loop, fresh = self.volumes.attach(entry, readonly=False)
+        fresh = False
         try:
+            loop, fresh = self.volumes.attach(entry, readonly=False)
             current = mount_at(self.os.mounts(), target)
             if current is not None and current.major_minor == loop.major_minor:
                 return
             if current is not None:
                 raise AlreadyExists(f"{target} already has another filesystem mounted")
             found = self.volumes.ensure_filesystem(entry, loop, params.fs_type)
-            options = check_mount_flags(request.volume_capability.mount.mount_flags)
-            if params.reclaim == "discard":
-                options.append("discard")
-            if readonly:
-                options.append("ro")
-            if found == "xfs":
-                options.append("nouuid")
             os.makedirs(target, mode=0o750, exist_ok=True)
-            self.os.mount(loop.device, target, found, options)
+            self.os.mount(loop.device, target, found, self._mount_options(flags, found, params.reclaim, readonly))
         except BaseException:
+            # Undo only what this call made: an existing ephemeral volume keeps its data
+            # when a retry fails.
             if fresh:
                 self.os.detach_loop(loop.device)
+            if created:
                 self.volumes.remove(entry)
             raise
 
@@ -281,14 +321,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = self._confine(request.target_path, "target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
-            self._refuse_foreign(volume_id, target)
-            self.volumes.unmount_all(target)
-            if os.path.islink(request.target_path):
-                os.unlink(request.target_path)  # a link: remove it, never what it points to
-            elif os.path.isdir(target) and not os.path.islink(target):
-                os.rmdir(target)
-            elif os.path.lexists(target):
-                os.unlink(target)
+            self._unmount_own(volume_id, entry, target)
+            self._remove_target(request.target_path, target)
+            loop = self.os.find_loop(entry.image) if entry is not None else None
+            if loop is not None and loop.readonly and not device_mounts(self.os.mounts(), loop) \
+                    and not self.os.attached_read_only(loop.device):
+                self.os.set_device_readonly(loop.device, False)  # set by a read-only block publish
             if entry is not None and entry.meta.ephemeral:
                 loop = self.os.find_loop(entry.image)
                 if loop is not None:
@@ -305,9 +343,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = check_id(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         entry = self.volumes.get(volume_id)
-        if not os.path.isabs(request.volume_path) or not os.path.exists(request.volume_path):
-            raise NotFound(f"volume_path {request.volume_path[:200]!r} does not exist")
-        path = self._confine(request.volume_path, "volume_path")
+        path = self._volume_path(request.volume_path, "volume_path")
         usage = self.volumes.usage(entry)
         problems = self.volumes.health(entry, usage)
         mounted = mount_at(self.os.mounts(), path)
@@ -339,13 +375,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_path, "volume_path")
         if request.HasField("volume_capability"):
             check_capability(request.volume_capability)
-        entry = self.volumes.get(volume_id)
-        if not os.path.isabs(request.volume_path) or not os.path.exists(request.volume_path):
-            raise NotFound(f"volume_path {request.volume_path[:200]!r} does not exist")
-        path = self._confine(request.volume_path, "volume_path")
-        staging = (self._confine(request.staging_target_path, "staging_target_path")
-                   if request.staging_target_path else "")
+        self.volumes.get(volume_id)
+        self._volume_path(request.volume_path, "volume_path")
+        if request.staging_target_path:
+            self._confine(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.get(volume_id)  # read under the guard: no stale metadata
             current = entry.size_bytes()
             rng = request.capacity_range if request.HasField("capacity_range") else None
             size = size_from_range(rng, entry.meta.fs_type, current=current)
@@ -356,15 +391,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 grow_image(entry.image, size, entry.meta.diskformat)
                 failpoints.hit("expand.after_grow_image")
             usage = self.volumes.usage(entry)
-            if usage.loop is not None:
-                if usage.loop.size_bytes != size:
-                    self.os.refresh_loop(usage.loop.device)
-                    failpoints.hit("expand.after_refresh")
-                mount_point = (self.volumes.fs_mount_point(usage) or staging
-                               or (path if os.path.isdir(path) else ""))
-                fs = (entry.meta.fs_type or self.os.probe_fs(usage.loop.device) or "") if mount_point else ""
-                if fs:
-                    self._grow_online(entry, fs, usage.loop.device, mount_point)
+            if usage.loop is not None and usage.loop.size_bytes != size:
+                self.os.refresh_loop(usage.loop.device)
+                failpoints.hit("expand.after_refresh")
+            # Grow a filesystem only where this driver mounted one. A volume used as a raw
+            # block device is the application's: whatever it put there is never touched.
+            fs_mount = self.volumes.fs_mount(usage)
+            if usage.loop is not None and fs_mount is not None:
+                self._grow_online(entry, fs_mount.fstype, usage.loop.device, fs_mount.mount_point)
             elif entry.meta.fs_type:
                 self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
             log.info("expanded volume %s to %d bytes", volume_id, size)
