@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,10 @@ class Report:
 
 
 # -- the cluster ------------------------------------------------------------------------------
+
+
+GRACE_SECONDS = 600.0
+"""How old a volume must be before a missing PersistentVolume makes it an orphan."""
 
 
 def _pv_from_api(pv: Any) -> PersistentVolume | None:
@@ -185,9 +190,10 @@ def _in_use(store_image: Path, oslayer: OSLayer, mounts: list[MountEntry]) -> st
 
 
 def find(store: Store, oslayer: OSLayer, driver_name: str, node_id: str,
-         cluster: ClusterView | str) -> Report:
+         cluster: ClusterView | str, grace_seconds: float = GRACE_SECONDS) -> Report:
     """Everything orphaned on this node. `cluster` is a ClusterView, or the reason the
-    cluster could not be read (then images and PVs are not judged)."""
+    cluster could not be read (then images and PVs are not judged). Volumes younger than
+    grace_seconds are never orphans: the provisioner makes the PV after CreateVolume."""
     report = Report()
     mounts = oslayer.mounts()
     for loop in _orphan_loops(store, oslayer.loop_devices()):
@@ -201,9 +207,17 @@ def find(store: Store, oslayer: OSLayer, driver_name: str, node_id: str,
         return report
     ours = [pv for pv in cluster.pvs if pv.driver == driver_name]
     handles = {pv.volume_handle for pv in ours}
+    if not ours and store.volumes.ids():
+        # Every image would look orphaned: far more likely a wrong --driver-name or cluster.
+        report.cluster_note = (f"no PersistentVolume of driver {driver_name} exists in this cluster, yet the "
+                               "node holds volumes: check --driver-name and the kubeconfig; images not judged")
+        return report
+    now = time.time()
     for entry in store.volumes.entries():
         if entry.id in handles or (entry.meta.ephemeral and _in_use(entry.image, oslayer, mounts)):
             continue  # a PV refers to it, or it is a live inline ephemeral volume
+        if now - entry.meta.created < grace_seconds:
+            continue  # just made: its PersistentVolume may not exist yet
         busy = _in_use(entry.image, oslayer, mounts)
         what = "inline ephemeral volume not in use" if entry.meta.ephemeral else \
             "no PersistentVolume refers to this volume"

@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,16 @@ def test_ctl_orphans_json_shape_through_the_seam(node: tuple[Store, FakeOS]) -> 
     assert doc["cluster_checked"] is True and doc["cluster_note"] == ""
     assert {o["kind"] for o in doc["orphans"]} == {"image", "snapshot-image", "released-pv"}
     assert all(set(o) == {"kind", "id", "detail", "deletable", "reason", "path"} for o in doc["orphans"])
+
+
+def test_young_volumes_and_a_cluster_without_our_pvs_are_not_judged(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    fake = FakeOS()
+    store.volumes.create("v-new", Meta(name="v-new", fs_type="ext4", created=time.time()),
+                         lambda image: image.write_bytes(b""))
+    store.volumes.create("v-old", Meta(name="v-old", fs_type="ext4"), lambda image: image.write_bytes(b""))
+    view = orphans.ClusterView([_pv("pv-x", "v-elsewhere")], set(), [].append)
+    got = {o.id for o in orphans.find(store, fake, DRIVER, "node-a", view).orphans}
+    assert got == {"v-old"}, "a volume made a moment ago may not have its PV yet"
+    empty = orphans.find(store, fake, DRIVER, "node-a", orphans.ClusterView([], set(), [].append))
+    assert empty.orphans == [] and "driver-name" in empty.cluster_note
