@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .client import CsiClient, capability, wait_for_socket
 from .proto import csi_pb2
+from .sweep import mounts_under, sweep
 
 DEFAULT_DEMO_DIR = "/var/tmp/thinloop-demo"
 GIB = 1 << 30
@@ -140,14 +141,12 @@ class Demo:
     def teardown(self) -> None:
         """Whatever happened above, leave no mount, loop device or file behind."""
         self.stop_driver()
-        for path in (self.target, self.staging):
-            while subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0:
-                subprocess.run(["umount", str(path)], check=False)
-        image = self.data_dir / "volumes" / "demo-vol" / "disk.img"
-        out = subprocess.run(["losetup", "-j", str(image), "-O", "NAME", "-n"],
-                             capture_output=True, text=True, check=False).stdout.split()
-        for dev in out:
-            subprocess.run(["losetup", "-d", dev], check=False)
+        left = sweep(self.root)
+        if left:
+            print(f"teardown: removed what the demo left: {', '.join(left)}")
+        if mounts_under(self.root):
+            print(f"teardown: {self.root} still has mounts; left in place", file=sys.stderr)
+            return
         shutil.rmtree(self.root, ignore_errors=True)
 
 
