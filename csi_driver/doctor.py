@@ -200,8 +200,8 @@ def _cap_sys_resource() -> Check:
     if _effective_caps() & (1 << CAP_SYS_RESOURCE):
         return Check("CAP_SYS_RESOURCE", OK, "present")
     return Check("CAP_SYS_RESOURCE", WARN,
-                 "missing: online growth of ext3/ext4 volumes (resize2fs on a mounted filesystem) "
-                 "can fail with 'Operation not permitted' when it reaches into reserved blocks",
+                 "missing: ext3/ext4 volumes cannot grow while mounted (the kernel's online resize "
+                 "needs it); the driver grows them at the next stage instead",
                  "run the node container privileged (as the deploy does) or add SYS_RESOURCE to "
                  "its capabilities; xfs growth is not affected")
 
