@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import grpc
@@ -153,7 +154,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"{exc.message}. A restore or clone is made on the node that holds its "
                                "source; a source on another node cannot be used") from None
             if source is not None:
-                self._check_source(source[1], size, params)
+                params = self._params_for_copy(source[1], size, params)
             entry = self.volumes.create(volume_id, size, params, source=source,
                                         parameters=dict(request.parameters))
             return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(entry))
@@ -170,14 +171,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"this driver instance serves node {self.settings.node_id}, which is not among the "
             "requested topologies")
 
-    def _check_source(self, source: Entry, size: int, params: VolumeParams) -> None:
+    @staticmethod
+    def _params_for_copy(source: Entry, size: int, params: VolumeParams) -> VolumeParams:
+        """A restore or clone holds its source's bytes: its filesystem is the source's
+        (a defaulted fsType follows the source), and a raw block source is never made a
+        filesystem volume, which would format the restored data at the first stage."""
         src_size = source.size_bytes()
         if size < src_size:
             raise OutOfRange(f"requested {size} bytes is smaller than the source's {src_size} bytes")
         src_fs = source.meta.fs_type
-        fs = params.fs_type
-        if fs and src_fs and fs != src_fs:
-            raise InvalidArgument(f"the source holds {src_fs}; a copy cannot be {fs}")
+        if params.access_type == "block":
+            return params
+        if source.meta.parameters.get("access_type") == "block":
+            raise InvalidArgument(f"{source.id} is a raw block volume: restore or clone it as a block volume")
+        if src_fs and src_fs != params.fs_type:
+            if params.fs_explicit:
+                raise InvalidArgument(f"the source holds {src_fs}; a copy cannot be {params.fs_type}")
+            return replace(params, fs_type=src_fs)
+        return params
 
     def _check_compatible(self, existing: Entry, request: csi_pb2.CreateVolumeRequest,
                           params: VolumeParams, source: tuple[str, str]) -> None:
@@ -186,7 +197,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         size = existing.size_bytes()
         if not fits_range(size, request.capacity_range if request.HasField("capacity_range") else None):
             problems.append(f"its size is {size} bytes")
-        fs = params.fs_type
+        # A copy made with a defaulted fsType took its source's: compare with that.
+        fs = params.fs_type if params.fs_explicit or not source[0] else meta.fs_type
         if fs != meta.fs_type:
             problems.append(f"it holds {meta.fs_type or 'no filesystem'}")
         if params.diskformat != meta.diskformat:

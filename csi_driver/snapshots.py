@@ -41,7 +41,8 @@ class Snapshots:
             raise ResourceExhausted(f"snapshot of {source_id} needs {need} bytes; {free} free")
         meta = Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
                     source_kind="volume", source_id=source_id, created=time.time(),
-                    node_id=self.volumes.settings.node_id)
+                    node_id=self.volumes.settings.node_id,
+                    parameters={k: v for k, v in source.meta.parameters.items() if k == "access_type"})
         started = time.monotonic()
         entry = self.store.snapshots.create(snap_id, meta, lambda image: self._copy(source, image))
         log.info("snapshot %s of %s: %d bytes allocated, %.2fs", snap_id, source_id,

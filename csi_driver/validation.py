@@ -51,6 +51,8 @@ class VolumeParams:
     """mount, block, or both (mount and block capabilities were asked for)"""
     extra: dict[str, str]
     """csi.storage.k8s.io/ keys (PVC name and namespace and the like)"""
+    fs_explicit: bool = True
+    """False when fs_type is only the default (a restore then keeps its source's)"""
 
 
 def require(value: object, what: str) -> None:
@@ -121,6 +123,7 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
     if len(wanted) > 1:
         raise InvalidArgument(f"fsType given twice with different values: {sorted(wanted)}")
     fs = wanted.pop() if wanted else ""
+    explicit = bool(fs)
     if fs and fs not in FILESYSTEMS:
         raise InvalidArgument(f"fsType {fs!r} is not supported; use one of {', '.join(FILESYSTEMS)}")
     # A raw block volume has no filesystem: a class-wide fsType does not apply to it.
@@ -133,7 +136,7 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
         raise InvalidArgument(f"reclaim {reclaim!r} is not supported; use one of {', '.join(RECLAIM_MODES)}")
     access = "both" if len(kinds) > 1 else kinds.pop()
     extra = {k: v for k, v in parameters.items() if k.startswith(K8S_PREFIX)}
-    return VolumeParams(fs, diskformat, reclaim, access, extra)
+    return VolumeParams(fs, diskformat, reclaim, access, extra, explicit)
 
 
 def round_up(value: int, unit: int) -> int:

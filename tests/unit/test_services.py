@@ -211,3 +211,26 @@ def test_a_clone_holds_its_source_and_freezes_it(rig: Rig) -> None:
     rig.ctrl.CreateVolume(req, CTX)
     assert frozen == [staging], "the source filesystem is frozen while it is copied"
     assert rig.os.frozen == set()
+
+
+def _copy_request(name: str, fs: str, snapshot: str, size: int = 320 * MIB) -> csi_pb2.CreateVolumeRequest:
+    req = csi_pb2.CreateVolumeRequest(name=name, volume_capabilities=[cap_for(fs)],
+                                      capacity_range=csi_pb2.CapacityRange(required_bytes=size))
+    req.volume_content_source.snapshot.snapshot_id = snapshot
+    return req
+
+
+def test_a_restore_keeps_its_sources_filesystem_and_never_formats_block_data(rig: Rig) -> None:
+    rig.create("x", 320 * MIB, "xfs")
+    rig.create("raw", 32 * MIB, "block")
+    for vid in ("x", "raw"):
+        rig.ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name=f"s-{vid}", source_volume_id=vid), CTX)
+    restored = rig.ctrl.CreateVolume(_copy_request("r", "", "s-x"), CTX).volume  # no fsType given
+    assert restored.volume_context["fsType"] == "xfs"
+    assert rig.ctrl.CreateVolume(_copy_request("r", "", "s-x"), CTX).volume == restored  # idempotent
+    with pytest.raises(InvalidArgument, match="cannot be ext4"):
+        rig.ctrl.CreateVolume(_copy_request("r2", "ext4", "s-x"), CTX)
+    with pytest.raises(InvalidArgument, match="raw block"):
+        rig.ctrl.CreateVolume(_copy_request("r3", "", "s-raw"), CTX)
+    as_block = rig.ctrl.CreateVolume(_copy_request("r4", "block", "s-raw", 32 * MIB), CTX).volume
+    assert "fsType" not in as_block.volume_context
