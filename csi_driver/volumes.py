@@ -198,6 +198,13 @@ class Volumes:
                 raise FailedPrecondition(
                     f"volume {entry.id} was created as a raw block volume and holds no filesystem; "
                     "refusing to format it for a mount")
+            if entry.meta.fs_type:
+                # CreateVolume made this filesystem: not finding it means damage, and
+                # formatting would destroy what fsck might still recover.
+                raise FailedPrecondition(
+                    f"volume {entry.id} should hold the {entry.meta.fs_type} made when it was created, "
+                    f"but blkid finds no filesystem on {loop.device}; refusing to format it "
+                    "(check it with e2fsck/xfs_repair on the image)")
             fs = requested or entry.meta.fs_type or "ext4"
             log.info("volume %s has no filesystem: making %s", entry.id, fs)
             self.os.mkfs(loop.device, fs, discard=entry.meta.diskformat == "thin")

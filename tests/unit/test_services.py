@@ -234,3 +234,14 @@ def test_a_restore_keeps_its_sources_filesystem_and_never_formats_block_data(rig
         rig.ctrl.CreateVolume(_copy_request("r3", "", "s-raw"), CTX)
     as_block = rig.ctrl.CreateVolume(_copy_request("r4", "block", "s-raw", 32 * MIB), CTX).volume
     assert "fsType" not in as_block.volume_context
+
+
+def test_a_vanished_filesystem_is_never_reformatted(rig: Rig) -> None:
+    rig.create("v1")
+    image = rig.settings.data_dir / "volumes" / "v1" / "disk.img"
+    with open(image, "r+b") as f:
+        f.write(bytes(64))  # the superblock is gone (damage), the data behind it is not
+    with pytest.raises(FailedPrecondition, match="refusing to format"):
+        rig.stage("v1")
+    assert [c[0] for c in rig.os.calls].count("mkfs") == 1  # only the one at create
+    assert rig.os.loops == {}, "the loop device attached for the failed stage is released"
