@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .oslayer import LoopDevice, MountEntry
+from .oslayer import FileId, LoopDevice, MountEntry, file_id
 from .runner import CommandError, Runner
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,27 @@ class HostOS:
             direct_io=read("loop/dio") == "1",
             readonly=read("ro") == "1",
             size_bytes=int(read("size")) * 512,
+            backing_id=self._backing_id(name),
         )
+
+    def _backing_id(self, name: str) -> FileId | None:
+        """(major, minor, inode) of the backing file, from LOOP_GET_STATUS64."""
+        try:
+            info = self._loop_status(str(self.dev_dir / name))
+        except OSError:
+            return None
+        encoded = int.from_bytes(info[0:8], "little")  # the kernel's new_encode_dev format
+        major = (encoded & 0xFFF00) >> 8
+        minor = (encoded & 0xFF) | ((encoded >> 12) & 0xFFF00)
+        return major, minor, int.from_bytes(info[8:16], "little")
+
+    @staticmethod
+    def _loop_status(device: str) -> bytes:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return bytes(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64_SIZE)))
+        finally:
+            os.close(fd)
 
     def loop_devices(self) -> list[LoopDevice]:
         found = []
@@ -106,9 +126,12 @@ class HostOS:
         return found
 
     def find_loop(self, image: Path) -> LoopDevice | None:
-        """Only backing_file is read for each device; the rest only for the match. The last
-        device seen for an image is tried first (a hint, always checked against sysfs)."""
+        """The device attached to this image. First by path, reading one sysfs file per
+        device (the last device seen for the image first); then, since sysfs paths are
+        relative to the mount namespace that attached them (a restarted driver container
+        sees another), by the backing file's identity."""
         wanted = os.path.realpath(image)
+        wanted_id = file_id(wanted)
         hint = self._loop_hint.get(wanted)
         try:
             names = [n for n in os.listdir(self.sys_block) if n.startswith("loop")]
@@ -117,29 +140,40 @@ class HostOS:
         if hint in names:
             names.remove(hint)
             names.insert(0, hint)
+        attached = []
         for name in names:
             try:
                 with open(self.sys_block / name / "loop" / "backing_file") as f:
-                    if f.read().rstrip("\n") != wanted:
-                        continue
+                    backing = f.read().rstrip("\n")
             except OSError:
                 continue  # not attached
+            if backing != wanted:
+                attached.append(name)
+                continue
             dev = self._read_loop(name)
-            if dev is not None and dev.backing_file == wanted:
+            if dev is not None and dev.backs(wanted, wanted_id):
                 self._loop_hint[wanted] = name
                 return dev
+        if wanted_id is not None:
+            for name in attached:
+                dev = self._read_loop(name)
+                if dev is not None and dev.backing_id == wanted_id:
+                    self._loop_hint[wanted] = name
+                    return dev
         self._loop_hint.pop(wanted, None)
         return None
 
     def loop_of_mount(self, mount: MountEntry) -> LoopDevice | None:
-        major, _, minor = mount.major_minor.partition(":")
-        if major == str(LOOP_MAJOR):
-            name = f"loop{minor}"
-        elif mount.root.startswith("/loop") and mount.fstype in ("devtmpfs", "tmpfs"):
-            name = mount.root[1:]
-        else:
+        if mount.root.startswith("/loop") and mount.fstype in ("devtmpfs", "tmpfs"):
+            return self._read_loop(mount.root[1:])  # a bind of the device node
+        # The filesystem's device, through sysfs (a partition's minor is not the index).
+        try:
+            node = Path(os.path.realpath(f"/sys/dev/block/{mount.major_minor}"))
+        except OSError:
             return None
-        return self._read_loop(name)
+        if not (node / "loop").is_dir():
+            node = node.parent
+        return self._read_loop(node.name) if node.name.startswith("loop") else None
 
     def _ensure_node(self, index: int) -> str:
         """Create /dev/loopN when this container's /dev lacks the node the kernel made."""
@@ -232,11 +266,7 @@ class HostOS:
         self.runner.run(["losetup", "--set-capacity", device], timeout=60)
 
     def attached_read_only(self, device: str) -> bool:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64_SIZE))
-        finally:
-            os.close(fd)
+        info = self._loop_status(device)
         flags = int.from_bytes(info[LO_FLAGS_OFFSET:LO_FLAGS_OFFSET + 4], "little")
         return bool(flags & LO_FLAGS_READ_ONLY)
 
@@ -311,7 +341,8 @@ class HostOS:
             return 0
 
     def copy_image(self, source: Path, dest: Path) -> None:
-        self.runner.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(dest)])
+        # Time follows the data (not the apparent size); allow a day for very large images.
+        self.runner.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(dest)], timeout=86400)
 
     # -- mounts -----------------------------------------------------------------------
 

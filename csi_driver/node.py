@@ -13,7 +13,7 @@ from . import failpoints
 from .config import TOPOLOGY_KEY, Settings
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
-from .oslayer import LoopDevice, MountEntry
+from .oslayer import LoopDevice, MountEntry, file_id
 from .proto import csi_pb2, csi_pb2_grpc
 from .runner import CommandError
 from .store import Entry, check_id, grow_image
@@ -29,7 +29,7 @@ from .validation import (
     resolve_params,
     size_from_range,
 )
-from .volumes import Volumes, device_mounts, mount_at
+from .volumes import Volumes, device_mounts, mount_at, names_volume
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Unmount what this volume has at path, every stacked layer of it. Anything else
         mounted there (another volume, another driver's mount) is refused, never touched:
         a call naming one volume can never take something else away from a pod."""
-        image = os.path.realpath(entry.image) if entry is not None else None
+        image = os.path.realpath(entry.image) if entry is not None else ""
+        image_id = file_id(image) if entry is not None else None
         for _ in range(8):
             current = mount_at(self.os.mounts(), path)
             if current is None:
                 return
             loop = self.os.loop_of_mount(current)
-            if loop is None or loop.backing_file != image:
+            ours = loop is not None and ((entry is not None and loop.backs(image, image_id))
+                                         or names_volume(loop.backing_file, volume_id))
+            if loop is None or not ours:
                 what = f"{loop.device} ({loop.backing_file})" if loop is not None else current.source
                 raise FailedPrecondition(f"{path} holds {what}, not volume {volume_id}; refusing to unmount it")
             self.os.unmount(path)
@@ -136,7 +139,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if current.major_minor != loop.major_minor or current.root != "/":
                 raise AlreadyExists(f"{staging} already has another filesystem mounted ({current.source})")
             wanted = cap.mount.fs_type
-            if (wanted and wanted != current.fstype) or current.readonly != readonly:
+            mounted_ro = readonly or "ro" in cap.mount.mount_flags  # read-only by mode or by flag
+            if (wanted and wanted != current.fstype) or current.readonly != mounted_ro:
                 raise AlreadyExists(
                     f"volume {entry.id} is staged at {staging} as {current.fstype} "
                     f"{'read-only' if current.readonly else 'read-write'}, not as requested")
@@ -218,9 +222,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                        mounts: list[MountEntry]) -> None:
         current = mount_at(mounts, target)
         if current is not None:
-            if current.root == "/" + Path(loop.device).name:
-                return
-            raise AlreadyExists(f"{target} already has something else mounted ({current.source})")
+            if current.root != "/" + Path(loop.device).name:
+                raise AlreadyExists(f"{target} already has something else mounted ({current.source})")
+            if current.readonly != readonly:
+                raise AlreadyExists(f"{target} is already published {'read-only' if current.readonly else 'writable'}")
+            return
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.isdir(target):
             raise AlreadyExists(f"{target} is a directory; a block volume is published on a file")
@@ -256,7 +262,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise FailedPrecondition(f"volume is not staged at {staging}")
         current = mount_at(mounts, target)
         if current is not None:
-            if current.major_minor == loop.major_minor and current.readonly == readonly:
+            # A bind of a read-only staging mount is read-only too.
+            if current.major_minor == loop.major_minor and current.readonly == (readonly or staged.readonly):
                 return
             raise AlreadyExists(f"{target} is already mounted with other options or another volume")
         if os.path.exists(target) and not os.path.isdir(target):

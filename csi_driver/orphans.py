@@ -15,13 +15,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .oslayer import LoopDevice, MountEntry, OSLayer
+from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id
 from .runner import CommandError
 from .store import Store
 from .volumes import device_mounts
@@ -160,23 +161,33 @@ def _inside(path: str, root: str) -> bool:
     return path.startswith(root.rstrip("/") + "/")
 
 
-def _owned_images(store: Store) -> set[str]:
-    return {os.path.realpath(e.image) for coll in (store.volumes, store.snapshots)
-            for e in coll.entries()}
+def _owned_images(store: Store) -> tuple[set[str], set[FileId]]:
+    images = [e.image for coll in (store.volumes, store.snapshots) for e in coll.entries()]
+    return {os.path.realpath(i) for i in images}, {f for f in map(file_id, images) if f is not None}
+
+
+_STORE_TAIL = re.compile(r"/(?:volumes|snapshots)/[^/]+/disk\.img$")
 
 
 def _orphan_loops(store: Store, loops: list[LoopDevice]) -> list[LoopDevice]:
-    """Loop devices backed by a file in the data dir that is not a current image."""
+    """Loop devices backed by a thinloop image that is not a current one. A backing path is
+    relative to the mount namespace that attached it (a restarted driver container sees
+    /volumes/... rather than the data dir), so images are matched by identity, and a
+    path counts as thinloop's by its place in the data dir or by its shape on the data
+    dir's filesystem."""
     data = os.path.realpath(store.data_dir)
-    owned = _owned_images(store)
+    data_dev = file_id(data)
+    paths, ids = _owned_images(store)
     found = []
     for loop in loops:
-        backing = loop.backing_file
-        if backing.endswith(DELETED_SUFFIX):
-            backing = backing[: -len(DELETED_SUFFIX)]
-        if not _inside(backing, data):
+        deleted = loop.backing_file.endswith(DELETED_SUFFIX)
+        backing = loop.backing_file[: -len(DELETED_SUFFIX)] if deleted else loop.backing_file
+        same_fs = (data_dev is not None and loop.backing_id is not None
+                   and loop.backing_id[:2] == data_dev[:2])
+        if not (_inside(backing, data) or (same_fs and _STORE_TAIL.search(backing))):
             continue
-        if loop.backing_file.endswith(DELETED_SUFFIX) or backing not in owned:
+        owned = loop.backing_id in ids if loop.backing_id is not None else backing in paths
+        if deleted or not owned:
             found.append(loop)
     return found
 
@@ -207,10 +218,11 @@ def find(store: Store, oslayer: OSLayer, driver_name: str, node_id: str,
         return report
     ours = [pv for pv in cluster.pvs if pv.driver == driver_name]
     handles = {pv.volume_handle for pv in ours}
-    if not ours and store.volumes.ids():
+    if not ours and (store.volumes.ids() or (not cluster.snapshot_handles and store.snapshots.ids())):
         # Every image would look orphaned: far more likely a wrong --driver-name or cluster.
         report.cluster_note = (f"no PersistentVolume of driver {driver_name} exists in this cluster, yet the "
-                               "node holds volumes: check --driver-name and the kubeconfig; images not judged")
+                               "node holds volumes or snapshots: check --driver-name and the kubeconfig; "
+                               "images not judged")
         return report
     now = time.time()
     for entry in store.volumes.entries():
@@ -225,7 +237,8 @@ def find(store: Store, oslayer: OSLayer, driver_name: str, node_id: str,
                                      not busy, busy, str(entry.path)))
     if cluster.snapshot_handles is not None:
         for entry in store.snapshots.entries():
-            if entry.id not in cluster.snapshot_handles:
+            # The snapshotter records the handle only after CreateSnapshot returns.
+            if entry.id not in cluster.snapshot_handles and now - entry.meta.created >= grace_seconds:
                 report.orphans.append(Orphan("snapshot-image", entry.id,
                                              "no VolumeSnapshotContent refers to this snapshot",
                                              True, path=str(entry.path)))

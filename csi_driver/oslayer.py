@@ -3,6 +3,7 @@ and mounts. `HostOS` (csi_driver.hostos) is the real one; tests use a stateful f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,37 @@ class MountEntry:
         return "ro" in self.options
 
 
+FileId = tuple[int, int, int]
+"""(major, minor, inode) of a file: what it is, whatever path reaches it."""
+
+
+def file_id(path: str | Path) -> FileId | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
 @dataclass(frozen=True)
 class LoopDevice:
     device: str
     """/dev/loopN"""
     backing_file: str
+    """As sysfs shows it: relative to the mount namespace the file was opened in, so after
+    the driver's container restarts it may not be the path this process sees."""
     major_minor: str
     direct_io: bool
     readonly: bool
     size_bytes: int
+    backing_id: FileId | None = None
+    """The backing file's identity from LOOP_GET_STATUS64; None when it cannot be read."""
+
+    def backs(self, image: str, image_id: FileId | None) -> bool:
+        """Whether this device is attached to the image (by identity where known)."""
+        if image_id is not None and self.backing_id is not None:
+            return image_id == self.backing_id
+        return self.backing_file == image
 
 
 class OSLayer(Protocol):

@@ -25,7 +25,7 @@ from .hostos import HostOS, sector_size_for
 from .identity import IdentityService
 from .inflight import InFlight
 from .node import NodeService
-from .oslayer import OSLayer
+from .oslayer import OSLayer, file_id
 from .proto import csi_pb2_grpc
 from .runner import CommandError
 from .snapmeta import SnapshotMetadataService
@@ -169,9 +169,10 @@ class Driver:
             return []
         actions = []
         root = os.path.realpath(self.store.volumes.root) + os.sep
+        ours = {file_id(e.image) for e in self.store.volumes.entries()} - {None}
         mounts = self.oslayer.mounts()
         for loop in self.oslayer.loop_devices():
-            if not loop.backing_file.startswith(root):
+            if loop.backing_id not in ours and not loop.backing_file.startswith(root):
                 continue
             own = [m.mount_point for m in mounts if m.major_minor == loop.major_minor and m.root == "/"]
             if not own:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 from . import failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .oslayer import LoopDevice, MountEntry, OSLayer
-from .store import Entry, Meta, Store, create_image, extend, room_for
+from .oslayer import LoopDevice, MountEntry, OSLayer, file_id
+from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, room_for
 from .validation import VolumeParams
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,25 @@ class Usage:
 
 @dataclass(frozen=True)
 class HostView:
-    """What the host looks like at one moment: loop devices by backing file, mounts, free bytes."""
+    """What the host looks like at one moment: loop devices, mounts, free bytes."""
 
-    loops: dict[str, LoopDevice]
+    loops: list[LoopDevice]
     mounts: list[MountEntry]
     free_bytes: int
+
+    def loop_for(self, image: Path) -> LoopDevice | None:
+        path, ident = os.path.realpath(image), file_id(image)
+        return next((d for d in self.loops if d.backs(path, ident)), None)
+
+
+_IMAGE_TAIL = r"/volumes/(?:{trash})?{id}(?:\.[0-9a-f]{{8}})?/disk\.img(?: \(deleted\))?$"
+
+
+def names_volume(backing_file: str, volume_id: str) -> bool:
+    """Whether a loop device's backing path is this volume's image, as any mount namespace
+    would show it, including after the image was deleted or moved to the trash."""
+    pattern = _IMAGE_TAIL.format(trash=re.escape(TRASH_PREFIX), id=re.escape(volume_id))
+    return re.search(pattern, backing_file) is not None
 
 
 def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
@@ -83,14 +98,13 @@ class Volumes:
             loop = self.os.find_loop(entry.image)
             mounts = device_mounts(self.os.mounts(), loop) if loop is not None else []
         else:
-            loop = view.loops.get(os.path.realpath(entry.image))
+            loop = view.loop_for(entry.image)
             mounts = device_mounts(view.mounts, loop) if loop is not None else []
         return Usage(loop, mounts)
 
     def host_view(self) -> HostView:
         """Loop table, mount table and free space read once, for calls over many volumes."""
-        return HostView({d.backing_file: d for d in self.os.loop_devices()}, self.os.mounts(),
-                        self.store.free_bytes())
+        return HostView(self.os.loop_devices(), self.os.mounts(), self.store.free_bytes())
 
     # -- capacity -----------------------------------------------------------------------
 

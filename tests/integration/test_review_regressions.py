@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
@@ -129,4 +130,56 @@ def test_clone_of_a_volume_being_written_is_filesystem_consistent(driver: Driver
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     down(c, p)
     delete(c, "busy-clone")
+    delete(c, vol.volume_id)
+
+
+def test_a_device_attached_through_another_path_is_still_this_volumes(driver: Driver) -> None:
+    """sysfs shows a loop device's backing path as the mount namespace that attached it
+    saw it: after the driver's container restarts the path no longer matches the data
+    dir. The driver must still know the device is this volume's (by the file's identity):
+    refuse to delete it, re-stage onto it, and unstage it."""
+    c = driver.client
+    vol = create(c, "other-ns", 32 * MIB)
+    alt = driver.root / "alt"
+    alt.mkdir()
+    subprocess.run(["mount", "--bind", str(driver.data_dir), str(alt)], check=True)
+    try:
+        device = subprocess.run(["losetup", "--find", "--show", str(alt / "volumes" / "other-ns" / "disk.img")],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    finally:
+        subprocess.run(["umount", "--lazy", str(alt)], check=True)
+    staging = str(driver.kubelet_dir / "st")
+    os.makedirs(staging)
+    subprocess.run(["mount", device, staging], check=True)  # staged by "the previous container"
+    backing = Path(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read_text().strip()
+    assert not backing.startswith(str(driver.data_dir)), backing
+    assert code_of(c.controller.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id="other-ns")) == \
+        grpc.StatusCode.FAILED_PRECONDITION
+    c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id="other-ns", staging_target_path=staging, volume_capability=cap_for("ext4")))
+    target = str(driver.kubelet_dir / "pods" / "p" / "mount")
+    c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id="other-ns", staging_target_path=staging, target_path=target, volume_capability=cap_for("ext4")))
+    c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="other-ns", target_path=target))
+    c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id="other-ns", staging_target_path=staging))
+    assert not os.path.exists(f"/sys/block/{os.path.basename(device)}/loop/backing_file"), "the device was detached"
+    delete(c, vol.volume_id)
+
+
+def test_a_volume_staged_read_only_by_mount_flag_restages_and_republishes(driver: Driver) -> None:
+    c = driver.client
+    vol = create(c, "ro-flag", 64 * MIB)
+    cap = capability(fs_type="ext4", mount_flags=("ro",))
+    staging = str(driver.kubelet_dir / "st")
+    target = str(driver.kubelet_dir / "pods" / "p" / "mount")
+    os.makedirs(staging)
+    for _ in range(2):  # kubelet repeats both after a restart
+        c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id="ro-flag", staging_target_path=staging, volume_capability=cap))
+        c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id="ro-flag", staging_target_path=staging, target_path=target, volume_capability=cap))
+    with pytest.raises(OSError):
+        Path(target, "f").write_text("x")
+    c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id="ro-flag", target_path=target))
+    c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id="ro-flag", staging_target_path=staging))
     delete(c, vol.volume_id)

@@ -211,3 +211,16 @@ def test_young_volumes_and_a_cluster_without_our_pvs_are_not_judged(tmp_path: Pa
     assert got == {"v-old"}, "a volume made a moment ago may not have its PV yet"
     empty = orphans.find(store, fake, DRIVER, "node-a", orphans.ClusterView([], set(), [].append))
     assert empty.orphans == [] and "driver-name" in empty.cluster_note
+
+
+def test_young_snapshots_and_snapshots_with_no_cluster_record_are_not_judged(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    fake = FakeOS()
+    store.snapshots.create("s-new", Meta(name="s-new", kind="snapshot", created=time.time()),
+                           lambda image: image.write_bytes(b""))
+    store.snapshots.create("s-old", Meta(name="s-old", kind="snapshot"), lambda image: image.write_bytes(b""))
+    view = orphans.ClusterView([_pv("pv-x", "v-elsewhere")], {"s-other"}, [].append)
+    got = {o.id for o in orphans.find(store, fake, DRIVER, "node-a", view).orphans}
+    assert got == {"s-old"}, "the snapshotter records a new snapshot's handle only after CreateSnapshot"
+    nothing = orphans.find(store, fake, DRIVER, "node-a", orphans.ClusterView([], set(), [].append))
+    assert nothing.orphans == [] and "driver-name" in nothing.cluster_note
