@@ -215,6 +215,14 @@ def cmd_delete_snapshot(c: CsiClient, a: argparse.Namespace) -> Any:
     return {"deleted": a.snapshot_id} if a.output != "table" else f"deleted snapshot {a.snapshot_id}"
 
 
+def cmd_modify(c: CsiClient, a: argparse.Namespace) -> Any:
+    params = dict(p.split("=", 1) for p in a.param)
+    c.controller.ControllerModifyVolume(csi_pb2.ControllerModifyVolumeRequest(
+        volume_id=a.volume_id, mutable_parameters=params))
+    return {"modified": a.volume_id, "parameters": params} if a.output != "table" else \
+        f"modified {a.volume_id}: {', '.join(f'{k}={v}' for k, v in params.items())}"
+
+
 # -- node commands: read the node directly, no driver needed ------------------------------------
 
 
@@ -478,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("snapshots", cmd_snapshots, "list snapshots")
     sp = add("delete-snapshot", cmd_delete_snapshot, "delete a snapshot")
     sp.add_argument("snapshot_id")
+    sp = add("modify", cmd_modify, "change a live volume's mutable parameters (diskformat, reclaim)")
+    sp.add_argument("volume_id")
+    sp.add_argument("param", nargs="+", help="key=value")
 
     node = sub.add_parser("node", help="inspect and tidy this node (reads the data dir; no driver needed)")
     node_sub = node.add_subparsers(dest="node_command", required=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -18,8 +19,21 @@ log = logging.getLogger(__name__)
 PluginCap = csi_pb2.PluginCapability
 
 
+def disk_full(settings: Settings) -> str:
+    """A warning, not a readiness failure: with the livenessprobe sidecar a not-ready driver
+    is restarted in a loop, and while it restarts nobody can delete a volume, which is how
+    space is freed. A full disk shows in this reason (logged by Probe), in the
+    thinloop_data_dir_full metric, in GetCapacity (zero) and in the volume conditions."""
+    try:
+        st = os.statvfs(settings.data_dir)
+    except OSError:
+        return ""
+    return f"data dir {settings.data_dir} is full" if st.f_bavail == 0 else ""
+
+
 def readiness(settings: Settings, oslayer: OSLayer | None) -> str:
-    """Empty when ready, else the reason (also used by thinloopctl doctor and metrics)."""
+    """Empty when ready, else the reason: conditions under which the driver cannot work at
+    all (also used by thinloopctl doctor and metrics)."""
     if oslayer is None:
         return ""  # controller-only mode touches no files and runs no tools
     missing = oslayer.missing_tools()
@@ -30,10 +44,8 @@ def readiness(settings: Settings, oslayer: OSLayer | None) -> str:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        return f"data dir {settings.data_dir} is not writable: {exc.strerror}"
-    st = os.statvfs(settings.data_dir)
-    if st.f_bavail == 0:
-        return f"data dir {settings.data_dir} is full"
+        if exc.errno != errno.ENOSPC:  # a full disk is reported by disk_full, not here
+            return f"data dir {settings.data_dir} is not writable: {exc.strerror}"
     if not os.path.exists("/dev/loop-control"):
         return "/dev/loop-control is missing: load the loop module or mount the host's /dev"
     return ""
@@ -65,4 +77,6 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         reason = readiness(self.settings, self.os)
         if reason:
             log.warning("not ready: %s", reason)
+        elif self.os is not None and (full := disk_full(self.settings)):
+            log.warning("ready, but %s: free space before creating or growing volumes", full)
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=not reason))

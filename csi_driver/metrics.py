@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .identity import readiness
+from .identity import disk_full, readiness
 from .nodestatus import store_totals
 
 if TYPE_CHECKING:
@@ -71,6 +71,12 @@ class NodeCollector(Collector):
         if reason:
             why.add_metric([node, reason], 1)
         yield why
+        if self.driver.oslayer is not None:
+            full = GaugeMetricFamily(f"{NAMESPACE}_data_dir_full",
+                                     "1 while the data dir's filesystem has no free block (the driver "
+                                     "stays ready so volumes can still be deleted).", labels=["node"])
+            full.add_metric([node], 1 if disk_full(self.driver.settings) else 0)
+            yield full
 
     def _store(self, node: str) -> Iterable[Metric]:
         assert self.driver.store is not None

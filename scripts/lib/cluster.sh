@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared by kind-up.sh and minikube-up.sh (sourced, not run): the steps after the
-# cluster exists and the image is loaded. Needs ROOT, SNAPSHOTTER_VERSION and log().
+# cluster exists and the image is loaded. Needs ROOT, IMAGE, SNAPSHOTTER_VERSION and log().
 
 CRD_URL="https://raw.githubusercontent.com/kubernetes-csi/external-snapshotter/${SNAPSHOTTER_VERSION}/client/config/crd"
 
@@ -35,6 +35,9 @@ install_snapshot_support() {
 deploy_thinloop() {
   log "deploying thinloop"
   kubectl apply -k "${ROOT}/deploy/kubernetes"
+  # The manifests name the default image; point the workloads at the one just loaded.
+  kubectl -n thinloop set image daemonset/thinloop-node "thinloop=${IMAGE}"
+  kubectl -n thinloop set image deployment/thinloop-controller "thinloop=${IMAGE}"
   kubectl -n thinloop rollout status daemonset/thinloop-node --timeout=300s
   kubectl -n thinloop rollout status deployment/thinloop-controller --timeout=300s
 }

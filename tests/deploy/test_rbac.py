@@ -41,6 +41,7 @@ REQUIRED: dict[str, dict[Scope, set[Rule]]] = {
             | rules("storage.k8s.io", "csinodes", WATCH)
             | rules("", "nodes", WATCH)
             | rules("storage.k8s.io", "volumeattachments", WATCH)
+            | rules("storage.k8s.io", "volumeattributesclasses", ("get",))
         ),
         "namespace": (
             rules("storage.k8s.io", "csistoragecapacities",

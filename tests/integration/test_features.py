@@ -447,3 +447,18 @@ def test_checksums_of_a_larger_payload_survive_snapshot(driver: Driver) -> None:
     delete(c, new.volume_id)
     delete(c, vol.volume_id)
     c.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+
+
+def test_thinloopctl_modify_and_create_with_mutable_parameters(driver: Driver) -> None:
+    from csi_driver import ctl
+    c = driver.client
+    req = csi_pb2.CreateVolumeRequest(name="vac", volume_capabilities=[cap_for("ext4")],
+                                      mutable_parameters={"reclaim": "none"},
+                                      capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MIB))
+    vol = c.controller.CreateVolume(req).volume
+    assert vol.volume_context["reclaim"] == "none"  # the VolumeAttributesClass's value won
+    assert ctl.main(["--endpoint", f"unix://{driver.socket}", "modify", "vac", "reclaim=discard"]) == 0
+    got = c.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id="vac")).volume
+    assert got.volume_context["reclaim"] == "discard"
+    assert ctl.main(["--endpoint", f"unix://{driver.socket}", "modify", "vac", "fsType=xfs"]) == 1
+    delete(c, vol.volume_id)
