@@ -32,9 +32,14 @@ REQUIRED_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4", "mkfs.ext3
 _ATTACH_RETRIES = 20
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape_mount_field(value: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), value)
+    if "\\" not in value:
+        return value
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), value)
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
@@ -74,16 +79,18 @@ class HostOS:
     # -- loop devices -----------------------------------------------------------------
 
     def _read_loop(self, name: str) -> LoopDevice | None:
-        base = self.sys_block / name
-        try:
-            backing = (base / "loop" / "backing_file").read_text().rstrip("\n")
-        except OSError:
-            return None  # not attached
+        base = f"{self.sys_block}/{name}"
+
         def read(rel: str, default: str = "0") -> str:
             try:
-                return (base / rel).read_text().strip()
+                with open(f"{base}/{rel}") as f:
+                    return f.read().strip()
             except OSError:
                 return default
+
+        backing = read("loop/backing_file", "")
+        if not backing:
+            return None  # not attached
         return LoopDevice(
             device=str(self.dev_dir / name),
             backing_file=backing,
@@ -141,9 +148,10 @@ class HostOS:
             names.remove(hint)
             names.insert(0, hint)
         attached = []
+        sys_block = str(self.sys_block)
         for name in names:
             try:
-                with open(self.sys_block / name / "loop" / "backing_file") as f:
+                with open(f"{sys_block}/{name}/loop/backing_file") as f:
                     backing = f.read().rstrip("\n")
             except OSError:
                 continue  # not attached

@@ -38,7 +38,9 @@ class Runner:
 
     def __init__(self, default_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.default_timeout = default_timeout
-        self._env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        # A small, fixed environment: tools need only PATH, and the C locale keeps their
+        # messages parseable. (Copying the whole environment cost a re-encode per spawn.)
+        self._env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C", "LANG": "C"}
 
     def run(
         self,

@@ -224,3 +224,23 @@ def test_young_snapshots_and_snapshots_with_no_cluster_record_are_not_judged(tmp
     assert got == {"s-old"}, "the snapshotter records a new snapshot's handle only after CreateSnapshot"
     nothing = orphans.find(store, fake, DRIVER, "node-a", orphans.ClusterView([], set(), [].append))
     assert nothing.orphans == [] and "driver-name" in nothing.cluster_note
+
+
+def test_loop_orphans_by_identity_and_never_another_data_dirs(tmp_path: Path) -> None:
+    from csi_driver.oslayer import LoopDevice, file_id
+    store = Store(tmp_path / "data")
+    store.volumes.create("v", Meta(name="v"), lambda image: image.write_bytes(b"x"))
+    entry = store.volumes.get("v")
+    assert entry is not None
+    ident = file_id(entry.image)
+    assert ident is not None
+    dev = ident[:2]
+
+    def loop(path: str, inode: int) -> LoopDevice:
+        return LoopDevice("/dev/loop9", path, "7:9", True, False, 1, (*dev, inode))
+
+    live_elsewhere = loop("/volumes/v/disk.img", ident[2])          # ours, seen from another namespace
+    stale = loop("/volumes/gone/disk.img", ident[2] + 1_000_000)     # ours, no longer an image
+    other_dir = loop(str(tmp_path / "other" / "volumes" / "w" / "disk.img"), ident[2] + 2_000_000)
+    got = orphans._orphan_loops(store, [live_elsewhere, stale, other_dir])
+    assert got == [stale]
