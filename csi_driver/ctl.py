@@ -216,6 +216,9 @@ def cmd_delete_snapshot(c: CsiClient, a: argparse.Namespace) -> Any:
 
 
 def cmd_modify(c: CsiClient, a: argparse.Namespace) -> Any:
+    bad = [p for p in a.param if "=" not in p]
+    if bad:
+        raise ValueError(f"expected key=value, got {', '.join(bad)}")
     params = dict(p.split("=", 1) for p in a.param)
     c.controller.ControllerModifyVolume(csi_pb2.ControllerModifyVolumeRequest(
         volume_id=a.volume_id, mutable_parameters=params))

@@ -28,7 +28,11 @@ def disk_full(settings: Settings) -> str:
         st = os.statvfs(settings.data_dir)
     except OSError:
         return ""
-    return f"data dir {settings.data_dir} is full" if st.f_bavail == 0 else ""
+    if st.f_bavail == 0:
+        return f"data dir {settings.data_dir} is full"
+    if st.f_favail == 0 and st.f_files > 0:
+        return f"data dir {settings.data_dir} has no free inodes"
+    return ""
 
 
 def readiness(settings: Settings, oslayer: OSLayer | None) -> str:
@@ -44,7 +48,7 @@ def readiness(settings: Settings, oslayer: OSLayer | None) -> str:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:  # a full disk is reported by disk_full, not here
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # full: reported by disk_full, not here
             return f"data dir {settings.data_dir} is not writable: {exc.strerror}"
     if not os.path.exists("/dev/loop-control"):
         return "/dev/loop-control is missing: load the loop module or mount the host's /dev"

@@ -61,8 +61,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if current is None:
                 return
             loop = self.os.loop_of_mount(current)
-            ours = loop is not None and ((entry is not None and loop.backs(image, image_id))
-                                         or names_volume(loop.backing_file, volume_id))
+            ours = loop is not None and (
+                (entry is not None and loop.backs(image, image_id))
+                # The image is gone (deleted while mounted) or its identity is unknown:
+                # fall back to the path shape of this volume's image.
+                or ((loop.backing_id is None or loop.backing_file.endswith(" (deleted)"))
+                    and names_volume(loop.backing_file, volume_id)))
             if loop is None or not ours:
                 what = f"{loop.device} ({loop.backing_file})" if loop is not None else current.source
                 raise FailedPrecondition(f"{path} holds {what}, not volume {volume_id}; refusing to unmount it")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -166,27 +165,19 @@ def _owned_images(store: Store) -> tuple[set[str], set[FileId]]:
     return {os.path.realpath(i) for i in images}, {f for f in map(file_id, images) if f is not None}
 
 
-_DETACHED_IMAGE = re.compile(r"^/(?:volumes|snapshots)/[^/]+/disk\.img$")
-"""How an image looks from sysfs once the namespace that attached it is gone: relative to
-the data dir's bind mount (e.g. /volumes/<id>/disk.img after the driver container restarts)."""
-
-
 def _orphan_loops(store: Store, loops: list[LoopDevice]) -> list[LoopDevice]:
-    """Loop devices backed by a thinloop image that is not a current one. A backing path is
-    relative to the mount namespace that attached it (a restarted driver container sees
-    /volumes/... rather than the data dir), so images are matched by identity, and a
-    path counts as thinloop's when it is in the data dir or, on the data dir's
-    filesystem, has that detached shape. Another data dir on the same disk is not ours."""
+    """Loop devices backed by a file in this data dir that is not a current image. A
+    device attached before the driver's container restarted shows a path relative to the
+    old namespace (/volumes/<id>/disk.img): it is this data dir's only if it is a current
+    image (matched by identity), and then it is no orphan; a deleted one cannot be told
+    apart from another data dir's, so it is not judged."""
     data = os.path.realpath(store.data_dir)
-    data_dev = file_id(data)
     paths, ids = _owned_images(store)
     found = []
     for loop in loops:
         deleted = loop.backing_file.endswith(DELETED_SUFFIX)
         backing = loop.backing_file[: -len(DELETED_SUFFIX)] if deleted else loop.backing_file
-        same_fs = (data_dev is not None and loop.backing_id is not None
-                   and loop.backing_id[:2] == data_dev[:2])
-        if not (_inside(backing, data) or (same_fs and _DETACHED_IMAGE.match(backing))):
+        if not _inside(backing, data):
             continue
         owned = loop.backing_id in ids if loop.backing_id is not None else backing in paths
         if deleted or not owned:

@@ -53,7 +53,7 @@ class HostView:
         return next((d for d in self.loops if d.backs(path, ident)), None)
 
 
-_IMAGE_TAIL = r"/volumes/(?:{trash})?{id}(?:\.[0-9a-f]{{8}})?/disk\.img(?: \(deleted\))?$"
+_IMAGE_TAIL = r"/volumes/(?:{trash}{id}\.[0-9a-f]{{8}}|{id})/disk\.img(?: \(deleted\))?$"
 
 
 def names_volume(backing_file: str, volume_id: str) -> bool:
@@ -247,7 +247,9 @@ class Volumes:
             errors = self.os.fs_error_count(usage.loop.device)
             if errors:
                 problems.append(f"filesystem reports {errors} error(s); run fsck after unmounting")
-            if not os.path.exists(usage.loop.backing_file):
+            # Found by identity, the device holds this very image; only a device whose
+            # identity is unknown is judged by its (namespace-relative) path.
+            if usage.loop.backing_id is None and not os.path.exists(usage.loop.backing_file):
                 problems.append("the loop device's backing file was removed")
         st = os.stat(entry.image)
         unwritten = st.st_size - st.st_blocks * 512

@@ -239,8 +239,10 @@ def test_loop_orphans_by_identity_and_never_another_data_dirs(tmp_path: Path) ->
     def loop(path: str, inode: int) -> LoopDevice:
         return LoopDevice("/dev/loop9", path, "7:9", True, False, 1, (*dev, inode))
 
+    data = str(store.data_dir)
     live_elsewhere = loop("/volumes/v/disk.img", ident[2])          # ours, seen from another namespace
-    stale = loop("/volumes/gone/disk.img", ident[2] + 1_000_000)     # ours, no longer an image
+    detached = loop("/volumes/gone/disk.img", ident[2] + 1_000_000)  # could be any data dir's: not judged
+    stale = loop(f"{data}/volumes/gone/disk.img (deleted)", ident[2] + 3_000_000)  # ours, deleted
     other_dir = loop(str(tmp_path / "other" / "volumes" / "w" / "disk.img"), ident[2] + 2_000_000)
-    got = orphans._orphan_loops(store, [live_elsewhere, stale, other_dir])
+    got = orphans._orphan_loops(store, [live_elsewhere, detached, stale, other_dir])
     assert got == [stale]

@@ -245,3 +245,13 @@ def test_a_vanished_filesystem_is_never_reformatted(rig: Rig) -> None:
         rig.stage("v1")
     assert [c[0] for c in rig.os.calls].count("mkfs") == 1  # only the one at create
     assert rig.os.loops == {}, "the loop device attached for the failed stage is released"
+
+
+def test_names_volume_matches_only_that_volume() -> None:
+    from csi_driver.volumes import names_volume
+    assert names_volume("/var/lib/thinloop/volumes/v1/disk.img", "v1")
+    assert names_volume("/volumes/v1/disk.img (deleted)", "v1")  # seen from a namespace that is gone
+    assert names_volume("/d/volumes/.trash-v1.0a1b2c3d/disk.img (deleted)", "v1")
+    assert not names_volume("/d/volumes/v1.deadbeef/disk.img", "v1")  # another volume with a dotted id
+    assert not names_volume("/d/volumes/v10/disk.img", "v1")
+    assert not names_volume("/d/snapshots/v1/disk.img", "v1")
