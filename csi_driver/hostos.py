@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import linuxapi
 from .oslayer import FileId, LoopDevice, MountEntry, file_id
 from .runner import CommandError, Runner
 
@@ -215,16 +216,8 @@ class HostOS:
             last: CommandError | None = None
             for _ in range(_ATTACH_RETRIES):
                 device = self._ensure_node(self._free_loop_index())
-                argv = ["losetup"]
-                if direct_io:
-                    argv.append("--direct-io=on")
-                if self.sector_size > 512:
-                    argv += ["--sector-size", str(self.sector_size)]
-                if readonly:
-                    argv.append("--read-only")
-                argv += [device, image_path]
                 try:
-                    self.runner.run(argv, timeout=60)
+                    self._bind_loop(device, image_path, readonly=readonly, direct_io=direct_io)
                 except CommandError as exc:
                     last = exc
                     attached = self.find_loop(Path(image_path))
@@ -246,13 +239,34 @@ class HostOS:
                 return dev
             raise last or CommandError(["losetup", image_path], errno.EBUSY, "no free loop device")
 
+    def _bind_loop(self, device: str, image: str, *, readonly: bool, direct_io: bool) -> None:
+        """LOOP_CONFIGURE; losetup when the kernel refuses it for any reason but a race
+        (older kernels, O_DIRECT refused by the backing filesystem): util-linux knows
+        every fallback."""
+        try:
+            linuxapi.loop_configure(device, image, readonly=readonly, direct_io=direct_io,
+                                    block_size=self.sector_size if self.sector_size > 512 else 0)
+            return
+        except linuxapi.SyscallError as exc:
+            if exc.errno == errno.EBUSY:
+                raise
+            log.info("%s; attaching with losetup instead", exc)
+        argv = ["losetup"]
+        if direct_io:
+            argv.append("--direct-io=on")
+        if self.sector_size > 512:
+            argv += ["--sector-size", str(self.sector_size)]
+        if readonly:
+            argv.append("--read-only")
+        self.runner.run([*argv, device, image], timeout=60)
+
     def detach_loop(self, device: str) -> None:
         name = Path(device).name
         before = self._read_loop(name)
         try:
-            self.runner.run(["losetup", "--detach", device], timeout=60)
-        except CommandError as exc:
-            if "No such device" not in exc.stderr:
+            linuxapi.loop_clear(device)
+        except linuxapi.SyscallError as exc:
+            if exc.errno != errno.ENXIO:
                 raise
             # already detached, or being detached by the kernel: wait for it below
         if before is not None:
@@ -271,7 +285,7 @@ class HostOS:
             time.sleep(0.02)
 
     def refresh_loop(self, device: str) -> None:
-        self.runner.run(["losetup", "--set-capacity", device], timeout=60)
+        linuxapi.loop_set_capacity(device)
 
     def attached_read_only(self, device: str) -> bool:
         info = self._loop_status(device)
@@ -359,19 +373,20 @@ class HostOS:
             return parse_mountinfo(f.read())
 
     def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None:
-        argv = ["mount", "-t", fstype]
+        split = linuxapi.split_options(options)
+        if split is not None:
+            linuxapi.mount(source, target, fstype, *split)
+            return
+        argv = ["mount", "-t", fstype]  # options only mount(8) understands
         if options:
             argv += ["-o", ",".join(options)]
         self.runner.run([*argv, source, target], timeout=120)
 
     def bind_mount(self, source: str, target: str, *, readonly: bool) -> None:
-        argv = ["mount", "--bind"]
-        if readonly:
-            argv += ["-o", "ro"]  # util-linux remounts the bind read-only itself
-        self.runner.run([*argv, source, target], timeout=60)
+        linuxapi.bind_mount(source, target, readonly=readonly)
 
     def unmount(self, target: str) -> None:
-        self.runner.run(["umount", target], timeout=120)
+        linuxapi.umount(target)
 
     def remount(self, target: str, options: Sequence[str]) -> None:
         self.runner.run(["mount", "-o", ",".join(["remount", *options]), target], timeout=60)
