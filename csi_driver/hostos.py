@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import linuxapi
+from . import baton, linuxapi
 from .oslayer import FileId, LoopDevice, MountEntry, file_id
 from .runner import CommandError, Runner
 
@@ -81,31 +81,23 @@ class HostOS:
 
     def _read_loop(self, name: str) -> LoopDevice | None:
         base = f"{self.sys_block}/{name}"
-
-        def read(rel: str, default: str = "0") -> str:
-            try:
-                with open(f"{base}/{rel}") as f:
-                    return f.read().strip()
-            except OSError:
-                return default
-
-        backing = read("loop/backing_file", "")
+        backing = _sysread(f"{base}/loop/backing_file")
         if not backing:
             return None  # not attached
         return LoopDevice(
-            device=str(self.dev_dir / name),
+            device=f"{self.dev_dir}/{name}",
             backing_file=backing,
-            major_minor=read("dev", ""),
-            direct_io=read("loop/dio") == "1",
-            readonly=read("ro") == "1",
-            size_bytes=int(read("size")) * 512,
+            major_minor=_sysread(f"{base}/dev"),
+            direct_io=_sysread(f"{base}/loop/dio") == "1",
+            readonly=_sysread(f"{base}/ro") == "1",
+            size_bytes=int(_sysread(f"{base}/size") or 0) * 512,
             backing_id=self._backing_id(name),
         )
 
     def _backing_id(self, name: str) -> FileId | None:
         """(major, minor, inode) of the backing file, from LOOP_GET_STATUS64."""
         try:
-            info = self._loop_status(str(self.dev_dir / name))
+            info = self._loop_status(f"{self.dev_dir}/{name}")
         except OSError:
             return None
         encoded = int.from_bytes(info[0:8], "little")  # the kernel's new_encode_dev format
@@ -133,42 +125,46 @@ class HostOS:
                 found.append(dev)
         return found
 
+    @staticmethod
+    def _sized_loops() -> list[str]:
+        """Loop devices with a size, from one read of /proc/partitions (which leaves out
+        empty disks: a free loop device is one). A thinloop image is never empty."""
+        text = _sysread("/proc/partitions")
+        return [name for _, _, _, name in (line.split() for line in text.splitlines()[2:] if line.strip())
+                if name.startswith("loop") and name[4:].isdigit()]
+
     def find_loop(self, image: Path) -> LoopDevice | None:
         """The device attached to this image. First by path, reading one sysfs file per
-        device (the last device seen for the image first); then, since sysfs paths are
-        relative to the mount namespace that attached them (a restarted driver container
-        sees another), by the backing file's identity."""
+        sized loop device (the last device seen for the image first); then, since sysfs
+        paths are relative to the mount namespace that attached them (a restarted driver
+        container sees another), by the backing file's identity."""
         wanted = os.path.realpath(image)
-        wanted_id = file_id(wanted)
         hint = self._loop_hint.get(wanted)
-        try:
-            names = [n for n in os.listdir(self.sys_block) if n.startswith("loop")]
-        except OSError:
-            return None
+        names = self._sized_loops()
         if hint in names:
             names.remove(hint)
             names.insert(0, hint)
-        attached = []
-        sys_block = str(self.sys_block)
+        wanted_id = file_id(wanted)
+        others = []
+        sys_block = self.sys_block
         for name in names:
-            try:
-                with open(f"{sys_block}/{name}/loop/backing_file") as f:
-                    backing = f.read().rstrip("\n")
-            except OSError:
+            backing = _sysread(f"{sys_block}/{name}/loop/backing_file")
+            if not backing:
                 continue  # not attached
             if backing != wanted:
-                attached.append(name)
+                others.append(name)
                 continue
             dev = self._read_loop(name)
             if dev is not None and dev.backs(wanted, wanted_id):
                 self._loop_hint[wanted] = name
                 return dev
         if wanted_id is not None:
-            for name in attached:
-                dev = self._read_loop(name)
-                if dev is not None and dev.backing_id == wanted_id:
-                    self._loop_hint[wanted] = name
-                    return dev
+            for name in others:
+                if self._backing_id(name) == wanted_id:
+                    dev = self._read_loop(name)
+                    if dev is not None and dev.backing_id == wanted_id:
+                        self._loop_hint[wanted] = name
+                        return dev
         self._loop_hint.pop(wanted, None)
         return None
 
@@ -208,7 +204,7 @@ class HostOS:
         """Attach with direct I/O; fall back to buffered I/O when the kernel refuses it.
         Attaches are serialised in this process; EBUSY from a racing process is retried."""
         image_path = os.path.realpath(image)
-        with self._attach_lock:
+        with baton.locked(self._attach_lock):
             existing = self.find_loop(Path(image_path))
             if existing is not None:
                 return existing
@@ -282,7 +278,8 @@ class HostOS:
                 log.warning("/dev/%s still holds %s %.0fs after detach; the kernel frees it "
                             "when its last opener closes it", name, backing_file, timeout)
                 return
-            time.sleep(0.02)
+            with baton.blocking():
+                time.sleep(0.02)
 
     def refresh_loop(self, device: str) -> None:
         linuxapi.loop_set_capacity(device)
@@ -398,6 +395,23 @@ class HostOS:
 EXT_MAGIC_AT = 1024 + 0x38
 EXT_COMPAT_HAS_JOURNAL = 0x4
 EXT_INCOMPAT_EXTENTS = 0x40
+
+
+def _sysread(path: str) -> str:
+    """A small kernel-made text file (sysfs, procfs), stripped; "" when it is absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape").strip()
 
 
 def fs_from_superblock(head: bytes) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from . import baton
 from .config import Settings
 from .controller import ControllerService
 from .errors import DriverError
@@ -99,7 +100,8 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 started = time.monotonic()
                 try:
-                    response = inner(request, context)
+                    with baton.held():
+                        response = inner(request, context)
                 except Exception as exc:
                     code, detail = self._fail(exc, method)
                     self._finish(method, request, started, code, detail)

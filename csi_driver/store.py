@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import failpoints
+from . import baton, failpoints
 from .errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,15 @@ class Entry:
         return os.stat(self.image).st_blocks * 512
 
 
+def fsync(fd: int) -> None:
+    with baton.blocking():
+        os.fsync(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
@@ -108,7 +113,7 @@ def write_atomic(path: Path, data: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
     failpoints.hit("meta.before_replace")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -131,8 +136,13 @@ def extend(fd: int, start: int, end: int, diskformat: str) -> None:
     if diskformat == "thin":
         os.ftruncate(fd, end)
         return
+    with baton.blocking():
+        _preallocate(fd, start, end, diskformat == "eagerzeroedthick")
+
+
+def _preallocate(fd: int, start: int, end: int, zero: bool) -> None:
     os.posix_fallocate(fd, start, end - start)
-    if diskformat == "eagerzeroedthick":
+    if zero:
         zeros = bytes(_ZERO_CHUNK)
         os.lseek(fd, start, os.SEEK_SET)
         left = end - start
@@ -145,7 +155,7 @@ def create_image(path: Path, size: int, diskformat: str) -> None:
     try:
         with room_for(f"for a {size}-byte image"):
             extend(fd, 0, size, diskformat)
-            os.fsync(fd)
+            fsync(fd)
     finally:
         os.close(fd)
 
@@ -157,7 +167,7 @@ def grow_image(path: Path, size: int, diskformat: str) -> None:
         if size > old:
             with room_for("to grow the image"):
                 extend(fd, old, size, diskformat)
-                os.fsync(fd)
+                fsync(fd)
     finally:
         os.close(fd)
 
@@ -168,7 +178,8 @@ def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
     if path.is_symlink():
         path.unlink()
         return
-    shutil.rmtree(path, ignore_errors=ignore_errors)
+    with baton.blocking():  # unlinking a large image takes a while
+        shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 class Collection:

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import failpoints
+from . import baton, failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import LoopDevice, MountEntry, OSLayer, file_id
-from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, room_for
+from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
 from .validation import VolumeParams
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Volumes:
                 self.os.thaw(frozen)
         fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            fsync(fd)
         finally:
             os.close(fd)
 
@@ -185,8 +185,9 @@ class Volumes:
                 if size > copied:
                     extend(fd, copied, size, params.diskformat)
                 if params.diskformat != "thin":
-                    os.posix_fallocate(fd, 0, size)  # the copy's holes too; never overwrites data
-                os.fsync(fd)
+                    with baton.blocking():
+                        os.posix_fallocate(fd, 0, size)  # the copy's holes too; never overwrites data
+                fsync(fd)
         finally:
             os.close(fd)
 
@@ -297,8 +298,9 @@ class Volumes:
             fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 with room_for(f"to preallocate {entry.id}"):
-                    os.posix_fallocate(fd, 0, st.st_size)
-                    os.fsync(fd)
+                    with baton.blocking():
+                        os.posix_fallocate(fd, 0, st.st_size)
+                    fsync(fd)
             finally:
                 os.close(fd)
             meta = replace(meta, diskformat=target)
