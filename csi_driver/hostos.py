@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import baton, linuxapi
-from .oslayer import FileId, LoopDevice, MountEntry, file_id
+from .oslayer import FileId, LoopDevice, MountEntry, file_id, real_path
 from .runner import CommandError, Runner
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,13 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         tail = right.split()
         if len(fields) < 6 or len(tail) < 2:
             continue
-        entries.append(MountEntry(
-            mount_point=_unescape_mount_field(fields[4]),
-            root=_unescape_mount_field(fields[3]),
-            major_minor=fields[2],
-            fstype=tail[0],
-            source=_unescape_mount_field(tail[1]),
-            options=tuple(fields[5].split(",")),
-        ))
+        if "\\" in line:
+            entries.append(MountEntry(_unescape_mount_field(fields[4]), _unescape_mount_field(fields[3]),
+                                      fields[2], tail[0], _unescape_mount_field(tail[1]),
+                                      tuple(fields[5].split(","))))
+        else:
+            entries.append(MountEntry(fields[4], fields[3], fields[2], tail[0], tail[1],
+                                      tuple(fields[5].split(","))))
     return entries
 
 
@@ -138,7 +137,7 @@ class HostOS:
         sized loop device (the last device seen for the image first); then, since sysfs
         paths are relative to the mount namespace that attached them (a restarted driver
         container sees another), by the backing file's identity."""
-        wanted = os.path.realpath(image)
+        wanted = real_path(image)
         hint = self._loop_hint.get(wanted)
         names = self._sized_loops()
         if hint in names:
@@ -173,7 +172,7 @@ class HostOS:
             return self._read_loop(mount.root[1:])  # a bind of the device node
         # The filesystem's device, through sysfs (a partition's minor is not the index).
         try:
-            node = Path(os.path.realpath(f"/sys/dev/block/{mount.major_minor}"))
+            node = Path(real_path(f"/sys/dev/block/{mount.major_minor}"))
         except OSError:
             return None
         if not (node / "loop").is_dir():
@@ -203,7 +202,7 @@ class HostOS:
     def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice:
         """Attach with direct I/O; fall back to buffered I/O when the kernel refuses it.
         Attaches are serialised in this process; EBUSY from a racing process is retried."""
-        image_path = os.path.realpath(image)
+        image_path = real_path(image)
         with baton.locked(self._attach_lock):
             existing = self.find_loop(Path(image_path))
             if existing is not None:
@@ -366,8 +365,7 @@ class HostOS:
     # -- mounts -----------------------------------------------------------------------
 
     def mounts(self) -> list[MountEntry]:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            return parse_mountinfo(f.read())
+        return parse_mountinfo(_sysread("/proc/self/mountinfo"))
 
     def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None:
         split = linuxapi.split_options(options)

@@ -13,7 +13,7 @@ from . import failpoints
 from .config import TOPOLOGY_KEY, Settings
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
-from .oslayer import LoopDevice, MountEntry, file_id
+from .oslayer import LoopDevice, MountEntry, file_id, real_path
 from .proto import csi_pb2, csi_pb2_grpc
 from .runner import CommandError
 from .store import Entry, check_id, grow_image
@@ -50,16 +50,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _confine(self, path: str, what: str) -> str:
         return confine(path, self.settings.kubelet_dir, what)
 
-    def _unmount_own(self, volume_id: str, entry: Entry | None, path: str) -> None:
+    def _unmount_own(self, volume_id: str, entry: Entry | None, path: str) -> LoopDevice | None:
         """Unmount what this volume has at path, every stacked layer of it. Anything else
         mounted there (another volume, another driver's mount) is refused, never touched:
-        a call naming one volume can never take something else away from a pod."""
-        image = os.path.realpath(entry.image) if entry is not None else ""
+        a call naming one volume can never take something else away from a pod.
+        Returns the volume's loop device when something was unmounted."""
+        image = real_path(entry.image) if entry is not None else ""
         image_id = file_id(image) if entry is not None else None
+        found: LoopDevice | None = None
         for _ in range(8):
             current = mount_at(self.os.mounts(), path)
             if current is None:
-                return
+                return found
             loop = self.os.loop_of_mount(current)
             ours = loop is not None and (
                 (entry is not None and loop.backs(image, image_id))
@@ -71,6 +73,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 what = f"{loop.device} ({loop.backing_file})" if loop is not None else current.source
                 raise FailedPrecondition(f"{path} holds {what}, not volume {volume_id}; refusing to unmount it")
             self.os.unmount(path)
+            found = loop
         raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
 
     @staticmethod
@@ -171,11 +174,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = self._confine(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
-            self._unmount_own(volume_id, entry, staging)
+            loop = self._unmount_own(volume_id, entry, staging)
             failpoints.hit("unstage.after_unmount")
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
-            loop = self.os.find_loop(entry.image)
+            if loop is None or not loop.backs(real_path(entry.image), file_id(entry.image)):
+                loop = self.os.find_loop(entry.image)  # a retry: nothing was mounted any more
             if loop is not None:
                 self.volumes.detach_if_unused(loop)
         return csi_pb2.NodeUnstageVolumeResponse()
@@ -332,9 +336,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = self._confine(request.target_path, "target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
-            self._unmount_own(volume_id, entry, target)
+            loop = self._unmount_own(volume_id, entry, target)
             self._remove_target(request.target_path, target)
-            loop = self.os.find_loop(entry.image) if entry is not None else None
+            if entry is None:
+                loop = None
+            elif loop is None or not loop.backs(real_path(entry.image), file_id(entry.image)):
+                loop = self.os.find_loop(entry.image)  # a retry: nothing was mounted any more
             if loop is not None and loop.readonly and not device_mounts(self.os.mounts(), loop) \
                     and not self.os.attached_read_only(loop.device):
                 self.os.set_device_readonly(loop.device, False)  # set by a read-only block publish

@@ -7,14 +7,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 FILESYSTEMS = ("ext3", "ext4", "xfs")
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo (a tuple: a node has hundreds, read often)."""
 
     mount_point: str
     root: str
@@ -30,6 +29,27 @@ class MountEntry:
 
 FileId = tuple[int, int, int]
 """(major, minor, inode) of a file: what it is, whatever path reaches it."""
+
+
+def real_path(path: str | Path) -> str:
+    """os.path.realpath, in three system calls (open with O_PATH, readlink of the
+    descriptor, close) when the path exists, instead of an lstat per component.
+    Only for paths the driver never unmounts (images, sysfs): a command spawned by
+    another thread at that instant inherits the descriptor until it execs, and a mount
+    holding it cannot be unmounted meanwhile (umount2 fails with EBUSY)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = ""
+    finally:
+        os.close(fd)
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        return os.path.realpath(path)  # no /proc, or a path outside this root
+    return real
 
 
 def file_id(path: str | Path) -> FileId | None:

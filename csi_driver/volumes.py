@@ -14,7 +14,7 @@ from pathlib import Path
 from . import baton, failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .oslayer import LoopDevice, MountEntry, OSLayer, file_id
+from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
 from .validation import VolumeParams
 
@@ -49,7 +49,7 @@ class HostView:
     free_bytes: int
 
     def loop_for(self, image: Path) -> LoopDevice | None:
-        path, ident = os.path.realpath(image), file_id(image)
+        path, ident = real_path(image), file_id(image)
         return next((d for d in self.loops if d.backs(path, ident)), None)
 
 

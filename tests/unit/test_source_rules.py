@@ -38,3 +38,16 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     for name in ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"):
         assert filecmp.cmp(out / name, ROOT / "csi_driver" / "proto" / name, shallow=False), \
             f"{name} is stale: run scripts/gen_proto.sh"
+
+
+def test_descriptor_realpath_only_on_paths_never_unmounted() -> None:
+    """oslayer.real_path holds an O_PATH descriptor for an instant; a command spawned by
+    another thread then inherits it and a mount under it cannot be unmounted (EBUSY, seen
+    at concurrency 8 when it resolved staging paths). Kubelet paths use os.path.realpath."""
+    calls = []
+    for path in (ROOT / "csi_driver").rglob("*.py"):
+        for arg in re.findall(r"(?<!def )\breal_path\(([^)]*)\)", path.read_text()):
+            calls.append((path.name, arg))
+    assert calls, "the rule checks nothing"
+    wrong = [(name, arg) for name, arg in calls if "image" not in arg and "/sys/" not in arg]
+    assert wrong == []
