@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 _lock = threading.Lock()
 _state = threading.local()
@@ -27,34 +28,45 @@ def _holding() -> bool:
     return bool(getattr(_state, "held", False))
 
 
-@contextmanager
-def held() -> Iterator[None]:
-    """Run the body as the baton's holder (reentrant: a holder just goes on)."""
-    if _holding():
-        yield
-        return
-    _lock.acquire()
-    _state.held = True
-    try:
-        yield
-    finally:
-        _state.held = False
-        _lock.release()
+class _Held:
+    """Run the body as the baton's holder (reentrant: a holder just goes on). A class,
+    not a generator context manager: it is entered several times per call."""
+
+    def __enter__(self) -> None:
+        self.entered = not _holding()
+        if self.entered:
+            _lock.acquire()
+            _state.held = True
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.entered:
+            _state.held = False
+            _lock.release()
 
 
-@contextmanager
-def blocking() -> Iterator[None]:
+class _Blocking:
     """Around a call that waits: let another handler run meanwhile."""
-    if not _holding():
-        yield
-        return
-    _state.held = False
-    _lock.release()
-    try:
-        yield
-    finally:
-        _lock.acquire()
-        _state.held = True
+
+    def __enter__(self) -> None:
+        self.released = _holding()
+        if self.released:
+            _state.held = False
+            _lock.release()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.released:
+            _lock.acquire()
+            _state.held = True
+
+
+def held() -> _Held:
+    return _Held()
+
+
+def blocking() -> _Blocking:
+    return _Blocking()
 
 
 @contextmanager

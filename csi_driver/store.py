@@ -229,8 +229,7 @@ class Collection:
         try:
             build(tmp / IMAGE)
             failpoints.hit(f"{self.kind}.create.after_build")
-            write_atomic(tmp / META, meta.to_json())
-            _fsync_dir(tmp)
+            write_atomic(tmp / META, meta.to_json())  # also makes tmp's entries durable
             failpoints.hit(f"{self.kind}.create.before_rename")
             os.rename(tmp, final)
             _fsync_dir(self.root)

@@ -3,6 +3,7 @@ paths. Each raises a DriverError subclass naming the field at fault."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -195,6 +196,13 @@ def parse_quantity(text: str) -> int:
     return math.ceil(value)
 
 
+@functools.lru_cache(maxsize=8)
+def _real_root(root: str) -> str:
+    """The kubelet dir, resolved once: it does not move under a running driver (were it
+    to, paths would be refused, never let out)."""
+    return os.path.realpath(root)
+
+
 def confine(path: str, root: Path, what: str) -> str:
     """An absolute path whose real location (symlinks resolved) lies under root.
     Returns the resolved path, which is what the driver then mounts on or removes."""
@@ -206,7 +214,7 @@ def confine(path: str, root: Path, what: str) -> str:
     if len(path) > 4096:
         raise InvalidArgument(f"{what} is too long")
     real = os.path.realpath(path)
-    real_root = os.path.realpath(root)
+    real_root = _real_root(str(root))
     if real == real_root or os.path.commonpath([real, real_root]) != real_root:
         raise InvalidArgument(f"{what} {path[:200]!r} is outside the kubelet directory {root}")
     return real
