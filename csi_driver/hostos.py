@@ -1,5 +1,5 @@
-"""The real OS layer: every call to losetup, blkid, mkfs, mount, resize2fs, xfs_growfs,
-fsfreeze, fstrim and cp goes through here and through the runner."""
+"""The real OS layer: loop devices and mounts through system calls (linuxapi), and every
+run of blkid, mkfs, resize2fs, xfs_growfs, fsfreeze, fstrim and cp through the runner."""
 
 from __future__ import annotations
 

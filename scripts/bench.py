@@ -459,8 +459,8 @@ class RawFloor:
         self.sector = sector_size_for(self.data)
 
     def attach(self, image: Path) -> str:
-        """LOOP_CTL_GET_FREE, then losetup on that device, as the driver does (retrying
-        when another thread took the device first)."""
+        """LOOP_CTL_GET_FREE, then losetup on that device: the command-line form of the
+        driver's LOOP_CONFIGURE (retrying when another thread took the device first)."""
         last = ""
         for _ in range(20):
             fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
@@ -731,7 +731,17 @@ def mode_fio(args: argparse.Namespace) -> dict[str, Any]:
             out["loop_direct_io"] = bool(loop and loop.direct_io)
             print(f"thinloop volume {args.size} bytes {args.fs} at {target}, loop {loop.device if loop else '?'}"
                   f" direct-io={out['loop_direct_io']}; host dir {host}")
-            files = {"thinloop": target / "fio.dat", "host": host / "fio.dat"}
+            # The floor of any loop device: the same image, options and mount made by hand.
+            floor = RawFloor(root / "rawloop", args.size, args.fs)
+            raw_image = floor.data / "disk.img"
+            run_cmd(["truncate", "-s", str(args.size), str(raw_image)])
+            run_cmd([*mkfs_argv(args.fs, True), str(raw_image)])
+            raw_mnt = root / "rawloop" / "mnt"
+            raw_mnt.mkdir()
+            raw_device = floor.attach(raw_image)
+            run_cmd(["mount", "-t", args.fs, "-o", "discard", raw_device, str(raw_mnt)])
+            print(f"raw loop {raw_device} (losetup --direct-io=on, mount -o discard) at {raw_mnt}")
+            files = {"thinloop": target / "fio.dat", "rawloop": raw_mnt / "fio.dat", "host": host / "fio.dat"}
             for f in files.values():  # lay the files out once, untimed
                 run_cmd(["fio", "--name=layout", f"--filename={f}", "--rw=write", "--bs=1M", "--direct=1",
                          f"--size={args.file_size}", "--ioengine=libaio", "--output-format=json"],
@@ -748,15 +758,21 @@ def mode_fio(args: argparse.Namespace) -> dict[str, Any]:
                 med = {k: benchstats.median_of_dicts(v) for k, v in kinds.items()}
                 key = "bw_bytes" if job.startswith("seq") else "iops"
                 out["jobs"][job] = {"median": med, "rounds": kinds,
-                                    "ratio": benchstats.ratio(med["thinloop"][key], med["host"][key])}
+                                    "ratio": benchstats.ratio(med["thinloop"][key], med["host"][key]),
+                                    "ratio_rawloop_host": benchstats.ratio(med["rawloop"][key], med["host"][key]),
+                                    "ratio_thinloop_rawloop": benchstats.ratio(med["thinloop"][key],
+                                                                               med["rawloop"][key])}
             for job, j in out["jobs"].items():
                 unit = "MiB/s" if job.startswith("seq") else "IOPS"
                 scale = 1 / MIB if job.startswith("seq") else 1.0
                 key = "bw_bytes" if job.startswith("seq") else "iops"
-                print(f"{job:<13} thinloop {j['median']['thinloop'][key] * scale:10.1f} {unit}  host "
+                print(f"{job:<13} thinloop {j['median']['thinloop'][key] * scale:10.1f} {unit}  raw loop "
+                      f"{j['median']['rawloop'][key] * scale:10.1f} {unit}  host "
                       f"{j['median']['host'][key] * scale:10.1f} {unit}  "
-                      f"ratio thinloop/host {j['ratio']:.2f}")
+                      f"ratio thinloop/host {j['ratio']:.2f}  raw loop/host {j['ratio_rawloop_host']:.2f}  "
+                      f"thinloop/raw loop {j['ratio_thinloop_rawloop']:.2f}")
         finally:
+            sweep(root / "rawloop")  # the hand-made loop device and its mount
             with contextlib.suppress(grpc.RpcError):
                 client.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
                     volume_id=name, target_path=str(target)))
