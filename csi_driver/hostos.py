@@ -128,9 +128,9 @@ class HostOS:
     def _sized_loops() -> list[str]:
         """Loop devices with a size, from one read of /proc/partitions (which leaves out
         empty disks: a free loop device is one). A thinloop image is never empty."""
-        text = _sysread("/proc/partitions")
-        return [name for _, _, _, name in (line.split() for line in text.splitlines()[2:] if line.strip())
-                if name.startswith("loop") and name[4:].isdigit()]
+        rows = (line.split() for line in _sysread("/proc/partitions").splitlines())
+        return [row[3] for row in rows
+                if len(row) == 4 and row[3].startswith("loop") and row[3][4:].isdigit()]
 
     def find_loop(self, image: Path) -> LoopDevice | None:
         """The device attached to this image. First by path, reading one sysfs file per
