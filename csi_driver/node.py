@@ -54,7 +54,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """Unmount what this volume has at path, every stacked layer of it. Anything else
         mounted there (another volume, another driver's mount) is refused, never touched:
         a call naming one volume can never take something else away from a pod.
-        Returns the volume's loop device when something was unmounted."""
+        Returns the entry's loop device when one of its mounts was taken away here."""
         image = real_path(entry.image) if entry is not None else ""
         image_id = file_id(image) if entry is not None else None
         found: LoopDevice | None = None
@@ -73,7 +73,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 what = f"{loop.device} ({loop.backing_file})" if loop is not None else current.source
                 raise FailedPrecondition(f"{path} holds {what}, not volume {volume_id}; refusing to unmount it")
             self.os.unmount(path)
-            found = loop
+            if entry is not None and loop.backs(image, image_id):
+                found = loop
         raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
 
     @staticmethod
@@ -178,8 +179,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             failpoints.hit("unstage.after_unmount")
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
-            if loop is None or not loop.backs(real_path(entry.image), file_id(entry.image)):
-                loop = self.os.find_loop(entry.image)  # a retry: nothing was mounted any more
+            loop = loop or self.os.find_loop(entry.image)  # a retry finds nothing mounted
             if loop is not None:
                 self.volumes.detach_if_unused(loop)
         return csi_pb2.NodeUnstageVolumeResponse()
@@ -338,10 +338,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             entry = self.volumes.store.volumes.get(volume_id)
             loop = self._unmount_own(volume_id, entry, target)
             self._remove_target(request.target_path, target)
-            if entry is None:
-                loop = None
-            elif loop is None or not loop.backs(real_path(entry.image), file_id(entry.image)):
-                loop = self.os.find_loop(entry.image)  # a retry: nothing was mounted any more
+            if entry is not None:
+                loop = loop or self.os.find_loop(entry.image)  # a retry finds nothing mounted
             if loop is not None and loop.readonly and not device_mounts(self.os.mounts(), loop) \
                     and not self.os.attached_read_only(loop.device):
                 self.os.set_device_readonly(loop.device, False)  # set by a read-only block publish
