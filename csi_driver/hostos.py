@@ -26,8 +26,12 @@ LOOP_CTL_GET_FREE = 0x4C82
 BLKROSET = 0x125D
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_INFO64_SIZE = 232
-LO_FLAGS_OFFSET = 52  # after five u64 and three u32 fields of struct loop_info64
+LO_NUMBER_OFFSET = 40  # after five u64 fields of struct loop_info64
+LO_FLAGS_OFFSET = 52  # after five u64 and three u32 fields
 LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_DIRECT_IO = 16
+BLKROGET = 0x125E
+BLKGETSIZE64 = 0x80081272
 REQUIRED_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4", "mkfs.ext3",
                   "mkfs.xfs", "resize2fs", "e2fsck", "xfs_growfs", "fsfreeze", "fstrim", "cp")
 _ATTACH_RETRIES = 20
@@ -43,24 +47,48 @@ def _unescape_mount_field(value: str) -> str:
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), value)
 
 
+def _parse_mountinfo_line(line: str) -> MountEntry | None:
+    left, sep, right = line.partition(" - ")
+    if not sep:
+        return None
+    fields = left.split()
+    tail = right.split()
+    if len(fields) < 6 or len(tail) < 2:
+        return None
+    if "\\" in line:
+        return MountEntry(_unescape_mount_field(fields[4]), _unescape_mount_field(fields[3]),
+                          fields[2], tail[0], _unescape_mount_field(tail[1]), tuple(fields[5].split(",")))
+    return MountEntry(fields[4], fields[3], fields[2], tail[0], tail[1], tuple(fields[5].split(",")))
+
+
+_PARSED_LINES: dict[str, MountEntry | None] = {}
+"""mountinfo lines already parsed. A line names its mount's unique id, so the same text
+always means the same entry; the table is read several times per call and mostly
+unchanged between reads, so most lines are found here instead of being parsed again."""
+
+
 def parse_mountinfo(text: str) -> list[MountEntry]:
+    lines = text.splitlines()
+    parsed = _PARSED_LINES
+    if len(parsed) > 2 * len(lines) + 1024:
+        parsed.clear()  # mostly lines of mounts long gone
     entries: list[MountEntry] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields = left.split()
-        tail = right.split()
-        if len(fields) < 6 or len(tail) < 2:
-            continue
-        if "\\" in line:
-            entries.append(MountEntry(_unescape_mount_field(fields[4]), _unescape_mount_field(fields[3]),
-                                      fields[2], tail[0], _unescape_mount_field(tail[1]),
-                                      tuple(fields[5].split(","))))
-        else:
-            entries.append(MountEntry(fields[4], fields[3], fields[2], tail[0], tail[1],
-                                      tuple(fields[5].split(","))))
+    for line in lines:
+        try:
+            entry = parsed[line]
+        except KeyError:
+            entry = parsed[line] = _parse_mountinfo_line(line)
+        if entry is not None:
+            entries.append(entry)
     return entries
+
+
+def _status_file_id(info: bytes) -> FileId:
+    """The backing file's (major, minor, inode) in a loop_info64."""
+    encoded = int.from_bytes(info[0:8], "little")  # the kernel's new_encode_dev format
+    major = (encoded & 0xFFF00) >> 8
+    minor = (encoded & 0xFF) | ((encoded >> 12) & 0xFFF00)
+    return major, minor, int.from_bytes(info[8:16], "little")
 
 
 class HostOS:
@@ -79,10 +107,44 @@ class HostOS:
     # -- loop devices -----------------------------------------------------------------
 
     def _read_loop(self, name: str) -> LoopDevice | None:
-        base = f"{self.sys_block}/{name}"
-        backing = _sysread(f"{base}/loop/backing_file")
+        backing = _sysread(f"{self.sys_block}/{name}/loop/backing_file")
         if not backing:
             return None  # not attached
+        return self._read_loop_node(name, backing) or self._read_loop_sysfs(name, backing)
+
+    def _read_loop_node(self, name: str, backing: str) -> LoopDevice | None:
+        """Everything but the backing path from one open of the device node: its number,
+        LOOP_GET_STATUS64 (identity, direct I/O), BLKROGET and BLKGETSIZE64. None when
+        this container has no usable node for it (or the node is another device)."""
+        try:
+            fd = os.open(f"{self.dev_dir}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            info = bytes(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64_SIZE)))
+            readonly = int.from_bytes(fcntl.ioctl(fd, BLKROGET, bytes(4)), "little")
+            size = int.from_bytes(fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)), "little")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        number = int.from_bytes(info[LO_NUMBER_OFFSET:LO_NUMBER_OFFSET + 4], "little")
+        if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR or f"loop{number}" != name:
+            return None
+        flags = int.from_bytes(info[LO_FLAGS_OFFSET:LO_FLAGS_OFFSET + 4], "little")
+        return LoopDevice(
+            device=f"{self.dev_dir}/{name}",
+            backing_file=backing,
+            major_minor=f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}",
+            direct_io=bool(flags & LO_FLAGS_DIRECT_IO),
+            readonly=bool(readonly),
+            size_bytes=size,
+            backing_id=_status_file_id(info),
+        )
+
+    def _read_loop_sysfs(self, name: str, backing: str) -> LoopDevice:
+        base = f"{self.sys_block}/{name}"
         return LoopDevice(
             device=f"{self.dev_dir}/{name}",
             backing_file=backing,
@@ -96,13 +158,9 @@ class HostOS:
     def _backing_id(self, name: str) -> FileId | None:
         """(major, minor, inode) of the backing file, from LOOP_GET_STATUS64."""
         try:
-            info = self._loop_status(f"{self.dev_dir}/{name}")
+            return _status_file_id(self._loop_status(f"{self.dev_dir}/{name}"))
         except OSError:
             return None
-        encoded = int.from_bytes(info[0:8], "little")  # the kernel's new_encode_dev format
-        major = (encoded & 0xFFF00) >> 8
-        minor = (encoded & 0xFF) | ((encoded >> 12) & 0xFFF00)
-        return major, minor, int.from_bytes(info[8:16], "little")
 
     @staticmethod
     def _loop_status(device: str) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from . import failpoints
+from . import baton, failpoints
 from .config import TOPOLOGY_KEY, Settings
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
@@ -59,9 +59,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         image_id = file_id(image) if entry is not None else None
         found: LoopDevice | None = None
         for _ in range(8):
-            current = mount_at(self.os.mounts(), path)
-            if current is None:
+            layers = [m for m in self.os.mounts() if m.mount_point == path]
+            if not layers:
                 return found
+            current = layers[-1]  # the top-most
             loop = self.os.loop_of_mount(current)
             ours = loop is not None and (
                 (entry is not None and loop.backs(image, image_id))
@@ -75,6 +76,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.os.unmount(path)
             if entry is not None and loop.backs(image, image_id):
                 found = loop
+            if len(layers) == 1:
+                return found  # nothing was under it: no need to read the table again
         raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
 
     @staticmethod
@@ -86,7 +89,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             os.unlink(raw)
         elif os.path.isdir(target):
             try:
-                os.rmdir(target)
+                with baton.blocking():
+                    os.rmdir(target)
             except OSError as exc:
                 log.warning("left %s in place: %s (not something this driver made)", target, exc.strerror)
         elif os.path.isfile(target):
@@ -277,7 +281,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if os.path.exists(target) and not os.path.isdir(target):
             raise AlreadyExists(f"{target} exists and is not a directory")
         created = not os.path.exists(target)
-        os.makedirs(target, mode=0o750, exist_ok=True)
+        with baton.blocking():  # directory creation on the host filesystem can wait on its journal
+            os.makedirs(target, mode=0o750, exist_ok=True)
         try:
             self.os.bind_mount(staging, target, readonly=readonly)
         except BaseException:
