@@ -64,6 +64,26 @@ def test_attach_detach_by_ioctl(host: HostOS, image: Path) -> None:
     host.detach_loop(dev.device)  # detaching twice is not an error
 
 
+def test_device_node_read_agrees_with_sysfs(host: HostOS, image: Path) -> None:
+    """The loop state read through one open of /dev/loopN is what sysfs shows, also
+    after the device is made read-only with BLKROSET; without a usable node the sysfs
+    read is used."""
+    dev = host.attach_loop(image, readonly=False)
+    name = Path(dev.device).name
+    try:
+        for readonly in (False, True):
+            host.set_device_readonly(dev.device, readonly)
+            by_node = host._read_loop_node(name, dev.backing_file)
+            by_sysfs = host._read_loop_sysfs(name, dev.backing_file)
+            assert by_node is not None and by_node == by_sysfs and by_node.readonly == readonly
+        host.set_device_readonly(dev.device, False)
+        assert HostOS(dev_dir=Path("/nonexistent"))._read_loop_node(name, dev.backing_file) is None
+        other = HostOS(dev_dir=Path("/nonexistent"))._read_loop(name)
+        assert other is not None and other.major_minor == dev.major_minor and other.backing_id is None
+    finally:
+        host.detach_loop(dev.device)
+
+
 def test_read_only_attach(host: HostOS, image: Path, workdir: Path) -> None:
     dev = host.attach_loop(image, readonly=True)
     mnt = workdir / "mnt"
