@@ -119,6 +119,9 @@ def write_atomic(path: Path, data: str) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+        except OSError:
+            os.unlink(tmp)  # a full disk leaves no half-written file behind
+            raise
         finally:
             os.close(fd)
         failpoints.hit("meta.before_replace")
