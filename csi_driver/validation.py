@@ -36,7 +36,7 @@ SUPPORTED_MODES = {
     AccessMode.SINGLE_NODE_MULTI_WRITER,
 }
 READ_ONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY}
-_MOUNT_FLAG_RE = re.compile(r"^[A-Za-z0-9_.:=/+-]{1,128}$")
+_MOUNT_FLAG_RE = re.compile(r"[A-Za-z0-9_.:=/+-]{1,128}")
 _FORBIDDEN_FLAGS = {"bind", "rbind", "remount", "move", "make-shared", "make-rshared"}
 
 
@@ -92,7 +92,7 @@ def check_capabilities(caps: Iterable[csi_pb2.VolumeCapability]) -> set[str]:
 def check_mount_flags(flags: Iterable[str]) -> list[str]:
     out = []
     for flag in flags:
-        if not _MOUNT_FLAG_RE.match(flag) or flag in _FORBIDDEN_FLAGS:
+        if not _MOUNT_FLAG_RE.fullmatch(flag) or flag in _FORBIDDEN_FLAGS:
             raise InvalidArgument(f"mount flag {flag[:60]!r} is not allowed")
         out.append(flag)
     return out
@@ -177,7 +177,7 @@ def fits_range(size: int, rng: csi_pb2.CapacityRange | None) -> bool:
     return not (rng.limit_bytes and size > rng.limit_bytes)
 
 
-_QUANTITY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTPE]i?|k)?$")
+_QUANTITY_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGTPE]i?|k)?")
 _SUFFIX = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5,
            "E": 1000**6, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
            "Pi": 1 << 50, "Ei": 1 << 60}
@@ -185,7 +185,7 @@ _SUFFIX = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4
 
 def parse_quantity(text: str) -> int:
     """Kubernetes-style quantity ("256Mi", "1G", "1073741824") to bytes."""
-    m = _QUANTITY_RE.match(text.strip())
+    m = _QUANTITY_RE.fullmatch(text.strip())
     if not m:
         raise InvalidArgument(f"size {text[:40]!r} is not a quantity such as 512Mi or 2Gi")
     value = float(m.group(1)) * _SUFFIX[m.group(2) or ""]

@@ -11,6 +11,7 @@ from csi_driver.validation import (
     DEFAULT_SIZE,
     GIB,
     MIB,
+    check_mount_flags,
     confine,
     parse_quantity,
     resolve_params,
@@ -89,10 +90,17 @@ def test_multi_node_modes_refused(mode: int) -> None:
         resolve_params({}, [cap])
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "..", ".hidden", "a\0b", "x" * 129, "a b", "é", "-lead"])
+@pytest.mark.parametrize("bad", ["", "a/b", "..", ".hidden", "a\0b", "x" * 129, "a b", "é", "-lead",
+                                 "name\n", "x" * 128 + "\n"])
 def test_ids_that_could_escape_are_refused(bad: str) -> None:
     with pytest.raises(InvalidArgument):
         check_id(bad, "name")
+
+
+@pytest.mark.parametrize("bad", ["noatime\n", "ro\n"])
+def test_mount_flags_with_a_trailing_newline_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_mount_flags([bad])
 
 
 def test_ids_kubernetes_makes_are_accepted() -> None:
