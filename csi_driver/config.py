@@ -17,6 +17,8 @@ DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 MODES = ("all", "controller", "node")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+DEFAULT_WORKERS = 2
+MAX_WORKERS = 64
 
 
 class SettingsError(ValueError):
@@ -49,6 +51,8 @@ class Settings:
     """Staging and target paths must lie below this directory."""
     metrics_address: str = ""
     """host:port for the Prometheus endpoint; empty disables it."""
+    workers: int = 0
+    """Processes the Controller and Node calls run in; 0 runs them in the server's own."""
 
     @property
     def endpoint(self) -> str:
@@ -105,6 +109,9 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--kubelet-dir", default=env("KUBELET_DIR", DEFAULT_KUBELET_DIR))
     p.add_argument("--metrics-address", default=env("METRICS_ADDRESS", ""),
                    help="host:port serving Prometheus metrics (off when empty)")
+    p.add_argument("--workers", default=env("WORKERS", str(DEFAULT_WORKERS)),
+                   help="processes that run the Controller and Node calls, so that they use "
+                   "more than one CPU (0: run them in the server process)")
     return p
 
 
@@ -133,6 +140,12 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         raise SettingsError(f"--max-volumes-per-node {ns.max_volumes_per_node!r}: not an integer") from None
     if max_vols < 0:
         raise SettingsError("--max-volumes-per-node must be >= 0")
+    try:
+        workers = int(ns.workers)
+    except ValueError:
+        raise SettingsError(f"--workers {ns.workers!r}: not an integer") from None
+    if not 0 <= workers <= MAX_WORKERS:
+        raise SettingsError(f"--workers {workers}: must be between 0 and {MAX_WORKERS}")
     data_dir = Path(ns.data_dir)
     if not data_dir.is_absolute():
         raise SettingsError(f"--data-dir {ns.data_dir!r}: must be an absolute path")
@@ -157,6 +170,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         max_volumes_per_node=max_vols,
         kubelet_dir=kubelet_dir,
         metrics_address=ns.metrics_address,
+        workers=workers,
     )
 
 

@@ -1,19 +1,46 @@
 """A set of keys with an operation in flight: a second request for the same key is
-refused with ABORTED (the CO retries it), never queued behind the first."""
+refused with ABORTED (the CO retries it), never queued behind the first.
+
+With handler worker processes (csi_driver.workers) the set must hold across processes, so
+a key is also an open-file-description lock on one byte of a lock file in the data dir,
+the byte chosen by a 63-bit hash of the key. Such locks conflict between any two opens of
+the file, in one process or two, and the kernel drops them when the holder's descriptor
+is closed, a killed process included: a crash never leaves a key held."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from .errors import Aborted
 
+LOCK_FILE = ".inflight.lock"
+"""In the data dir; holds no data, only locks. Recovery and the orphan scan skip it."""
+
+
+def _byte_of(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _flock(kind: int, start: int) -> bytes:
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padding.
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
+
 
 class InFlight:
-    def __init__(self) -> None:
+    def __init__(self, lock_dir: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._keys: set[str] = set()
+        self._path = str(lock_dir / LOCK_FILE) if lock_dir is not None else None
+        if self._path is not None:  # made once at start-up: a refused call changes nothing on disk
+            os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
     @contextmanager
     def hold(self, *keys: str) -> Iterator[None]:
@@ -24,12 +51,32 @@ class InFlight:
             if busy:
                 raise Aborted(f"an operation on {', '.join(sorted(busy))} is already in progress")
             self._keys |= wanted
+        fd = -1
         try:
+            if self._path is not None and wanted:
+                fd = self._lock_across(wanted)
             yield
         finally:
+            if fd >= 0:
+                os.close(fd)  # drops every lock taken through it
             with self._lock:
                 self._keys -= wanted
 
+    def _lock_across(self, keys: set[str]) -> int:
+        assert self._path is not None
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        key = ""
+        try:
+            for key in sorted(keys):
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _byte_of(key)))
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise Aborted(f"an operation on {key} is already in progress") from None
+            raise
+        return fd
+
     def busy(self) -> int:
+        """Keys held by this process."""
         with self._lock:
             return len(self._keys)

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import struct
 from collections.abc import Sequence
 
@@ -203,3 +204,12 @@ def loop_clear(device: str) -> None:
 
 def loop_set_capacity(device: str) -> None:
     _loop_ioctl(device, LOOP_SET_CAPACITY, 0, "ioctl(LOOP_SET_CAPACITY)", [])
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the thread that forked it ends."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise SyscallError("prctl", ["PR_SET_PDEATHSIG"], ctypes.get_errno())

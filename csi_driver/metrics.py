@@ -49,7 +49,7 @@ class NodeCollector(Collector):
         yield info
         inflight = GaugeMetricFamily(f"{NAMESPACE}_operations_in_flight",
                                      "Volume and snapshot operations running now.")
-        inflight.add_metric([], self.driver.inflight.busy())
+        inflight.add_metric([], self.driver.busy())
         yield inflight
         yield from self._readiness(node)
         if self.driver.store is not None:

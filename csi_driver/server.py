@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from . import baton
 from .config import Settings
 from .controller import ControllerService
-from .errors import DriverError
+from .errors import status_of
 from .hostos import HostOS, sector_size_for
 from .identity import IdentityService
 from .inflight import InFlight
@@ -33,6 +33,9 @@ from .snapmeta import SnapshotMetadataService
 from .snapshots import Snapshots
 from .store import Store
 from .volumes import Volumes
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
 
 log = logging.getLogger("thinloop.rpc")
 startlog = logging.getLogger("thinloop.server")
@@ -58,8 +61,10 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps DriverError to its code, anything else to INTERNAL (traceback logged), and
     writes one structured line per call."""
 
-    def __init__(self, observers: list[Observer]) -> None:
+    def __init__(self, observers: list[Observer], *, baton_held: bool = True) -> None:
         self.observers = observers
+        self.baton_held = baton_held
+        """False when the handlers run in worker processes, which take their own."""
 
     def _finish(self, method: str, request: Any, started: float, code: grpc.StatusCode,
                 detail: str) -> None:
@@ -80,15 +85,6 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         for obs in self.observers:
             obs(method, code.name, elapsed)
 
-    def _fail(self, exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-        if isinstance(exc, DriverError):
-            return exc.code, exc.message
-        if isinstance(exc, CommandError):
-            log.error("%s: command failed: %s", method, exc)
-            return grpc.StatusCode.INTERNAL, str(exc)
-        log.exception("%s: unexpected error", method)
-        return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
         if handler is None:
@@ -100,10 +96,10 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 started = time.monotonic()
                 try:
-                    with baton.held():
+                    with baton.held() if self.baton_held else contextlib.nullcontext():
                         response = inner(request, context)
                 except Exception as exc:
-                    code, detail = self._fail(exc, method)
+                    code, detail = status_of(exc, method)
                     self._finish(method, request, started, code, detail)
                     context.abort(code, detail)
                 self._finish(method, request, started, grpc.StatusCode.OK, "")
@@ -120,7 +116,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     yield from inner_stream(request, context)
                 except Exception as exc:
-                    code, detail = self._fail(exc, method)
+                    code, detail = status_of(exc, method)
                     self._finish(method, request, started, code, detail)
                     context.abort(code, detail)
                 self._finish(method, request, started, grpc.StatusCode.OK, "")
@@ -142,13 +138,15 @@ class Driver:
     volumes: Volumes | None
     snapshots: Snapshots | None
     observers: list[Observer] = field(default_factory=list)
+    pool: WorkerPool | None = None
+    """Handler worker processes, when the Controller and Node calls run in them."""
 
     @classmethod
     def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
-        inflight = InFlight()
         if not settings.touches_files:
-            return cls(settings, inflight, None, None, None, None)
+            return cls(settings, InFlight(), None, None, None, None)
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        inflight = InFlight(settings.data_dir)  # holds across worker processes too
         os_layer = oslayer or HostOS(sector_size=sector_size_for(settings.data_dir))
         store = Store(settings.data_dir)
         volumes = Volumes(settings, store, os_layer)
@@ -188,21 +186,42 @@ class Driver:
             actions.append(f"thawed {own[0]} ({loop.device}), left frozen by an interrupted snapshot")
         return actions
 
+    def services(self) -> dict[str, object]:
+        """The Controller and Node servicers this process (or its workers) run."""
+        out: dict[str, object] = {}
+        if self.settings.runs_controller:
+            out["Controller"] = ControllerService(self.settings, self.volumes, self.snapshots, self.inflight)
+        if self.settings.runs_node and self.volumes is not None:
+            out["Node"] = NodeService(self.settings, self.volumes, self.inflight)
+        return out
+
+    def start_workers(self, count: int) -> None:
+        """Run the Controller and Node calls in `count` forked processes (csi_driver.workers)."""
+        from .workers import WorkerPool
+        pool = WorkerPool(count)
+        pool.start(self.services())
+        self.pool = pool
+
+    def busy(self) -> int:
+        """Calls or keys in flight, for the metrics."""
+        return self.pool.busy() if self.pool is not None else self.inflight.busy()
+
     def add_services(self, server: grpc.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.settings, self.oslayer), server)
-        if self.settings.runs_controller:
-            csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerService(self.settings, self.volumes, self.snapshots, self.inflight), server)
-        if self.settings.runs_node and self.volumes is not None:
-            csi_pb2_grpc.add_NodeServicer_to_server(
-                NodeService(self.settings, self.volumes, self.inflight), server)
+        adders = {"Controller": csi_pb2_grpc.add_ControllerServicer_to_server,
+                  "Node": csi_pb2_grpc.add_NodeServicer_to_server}
+        for name, servicer in self.services().items():
+            if self.pool is not None:
+                from .workers import Proxy
+                servicer = Proxy(self.pool, name)
+            adders[name](servicer, server)
         if self.snapshots is not None:
             csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataService(self.snapshots), server)
 
     def make_server(self, max_workers: int = 16) -> grpc.Server:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                         thread_name_prefix="rpc"),
-                             interceptors=[RpcInterceptor(self.observers)])
+                             interceptors=[RpcInterceptor(self.observers, baton_held=self.pool is None)])
         self.add_services(server)
         return server
 
@@ -246,6 +265,18 @@ def serve(settings: Settings, driver: Driver | None = None,
     prepare_socket(path)
     driver = driver or Driver.build(settings)
     recovered = driver.recover()
+    if settings.workers and driver.volumes is not None and driver.pool is None:
+        driver.start_workers(settings.workers)  # before any thread starts: it forks
+    try:
+        return _serve(settings, driver, recovered, ready)
+    finally:
+        if driver.pool is not None:
+            driver.pool.close()
+
+
+def _serve(settings: Settings, driver: Driver, recovered: list[str],
+           ready: threading.Event | None) -> int:
+    path = str(settings.socket_path)
     metrics_server = None
     if settings.metrics_address:
         from .metrics import start as start_metrics

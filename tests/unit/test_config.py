@@ -12,6 +12,8 @@ def test_defaults_and_env() -> None:
     assert s.node_id == "n1" and s.mode == "controller" and not s.touches_files
     assert s.driver_name == "thinloop.csi.io" and s.overcommit_ratio == 1.0
     assert s.socket_path == Path("/run/thinloop/csi.sock")
+    assert s.workers == 2
+    assert parse_settings([], {"THINLOOP_NODE_ID": "n", "THINLOOP_WORKERS": "0"}).workers == 0
 
 
 def test_flags_override_env() -> None:
@@ -29,6 +31,9 @@ def test_flags_override_env() -> None:
     (["--data-dir", "rel"], "--data-dir"),
     (["--log-format", "xml"], "log-format"),
     (["--driver-name=-bad-"], "driver-name"),
+    (["--workers", "-1"], "--workers"),
+    (["--workers", "65"], "--workers"),
+    (["--workers", "two"], "--workers"),
 ])
 def test_bad_settings_are_one_clear_line(argv: list[str], needle: str) -> None:
     with pytest.raises(SettingsError, match=needle) as info:
