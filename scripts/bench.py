@@ -163,31 +163,89 @@ def find_listener(socket_path: str) -> int | None:
     return None
 
 
+def driver_tree(pid: int) -> list[psutil.Process]:
+    """The driver's processes: the server and the handler workers it forked (same command
+    line); not the short-lived commands (mkfs) they run."""
+    front = psutil.Process(pid)
+    argv = front.cmdline()
+    out = [front]
+    for child in front.children():
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline() == argv:
+                out.append(child)
+    return out
+
+
+def tree_memory(procs: list[psutil.Process], *, pss: bool = True) -> dict[str, float]:
+    """RSS summed over the processes (pages the workers share with the server counted once
+    per process), and PSS summed (each shared page split among its sharers: what the
+    processes take together, and what a container's memory limit sees)."""
+    rss = 0.0
+    total_pss = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if pss:
+                info = p.memory_full_info()
+                total_pss += info.pss
+                rss += info.rss
+            else:
+                rss += p.memory_info().rss
+    out = {"rss_bytes": rss, "processes": float(len(procs))}
+    if pss:
+        out["pss_bytes"] = total_pss
+    return out
+
+
+def idle_memory(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) summed over the driver's processes."""
+    mem = tree_memory(driver_tree(pid))
+    return mem["rss_bytes"], mem["pss_bytes"]
+
+
+def memory_line(mem: dict[str, float]) -> str:
+    n = int(mem["processes"])
+    return (f"PSS {mem['pss_bytes'] / MIB:.1f} MiB, RSS {mem['rss_bytes'] / MIB:.1f} MiB "
+            f"over {n} process{'es' if n != 1 else ''}")
+
+
+def _cpu(procs: list[psutil.Process]) -> tuple[float, float]:
+    own = kids = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            own += t.user + t.system
+            kids += t.children_user + t.children_system
+    return own, kids
+
+
 class ProcWatch:
-    """RSS and CPU of one process over a stretch of time: RSS sampled every 20 ms (peak
-    kept), CPU from the kernel's counters at both ends (own and reaped children's)."""
+    """Memory and CPU of the driver's processes over a stretch of time: RSS summed every
+    20 ms and PSS every 200 ms (peaks kept), CPU from the kernel's counters at both ends
+    (own, and reaped children's such as mkfs)."""
 
     def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.peak_rss = 0
+        self.procs = driver_tree(pid)
+        self.peak_rss = 0.0
+        self.peak_pss = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._t0 = 0.0
-        self._cpu0: Any = None
+        self._cpu0 = (0.0, 0.0)
         self.result: dict[str, float] = {}
 
-    def rss(self) -> int:
-        return int(self.proc.memory_info().rss)
-
     def _sample(self) -> None:
+        n = 0
         while not self._stop.wait(0.02):
-            with contextlib.suppress(psutil.Error):
-                self.peak_rss = max(self.peak_rss, self.rss())
+            n += 1
+            mem = tree_memory(self.procs, pss=n % 10 == 0)
+            self.peak_rss = max(self.peak_rss, mem["rss_bytes"])
+            self.peak_pss = max(self.peak_pss, mem.get("pss_bytes", 0.0))
 
     def __enter__(self) -> ProcWatch:
         self._t0 = time.monotonic()
-        self._cpu0 = self.proc.cpu_times()
-        self.peak_rss = self.rss()
+        self._cpu0 = _cpu(self.procs)
+        mem = tree_memory(self.procs)
+        self.peak_rss, self.peak_pss = mem["rss_bytes"], mem["pss_bytes"]
         self._thread.start()
         return self
 
@@ -195,14 +253,15 @@ class ProcWatch:
         self._stop.set()
         self._thread.join()
         wall = time.monotonic() - self._t0
-        with contextlib.suppress(psutil.Error):
-            cpu1 = self.proc.cpu_times()
-            own = (cpu1.user - self._cpu0.user) + (cpu1.system - self._cpu0.system)
-            kids = ((cpu1.children_user - self._cpu0.children_user)
-                    + (cpu1.children_system - self._cpu0.children_system))
-            self.result = {"peak_rss_bytes": float(self.peak_rss), "end_rss_bytes": float(self.rss()),
-                           "cpu_seconds": own, "children_cpu_seconds": kids,
-                           "cpu_percent": 100.0 * own / wall if wall else math.nan, "wall_seconds": wall}
+        own1, kids1 = _cpu(self.procs)
+        own, kids = own1 - self._cpu0[0], kids1 - self._cpu0[1]
+        end = tree_memory(self.procs)
+        self.peak_pss = max(self.peak_pss, end["pss_bytes"])
+        self.result = {"peak_rss_bytes": self.peak_rss, "peak_pss_bytes": self.peak_pss,
+                       "end_rss_bytes": end["rss_bytes"], "end_pss_bytes": end["pss_bytes"],
+                       "processes": end["processes"],
+                       "cpu_seconds": own, "children_cpu_seconds": kids,
+                       "cpu_percent": 100.0 * own / wall if wall else math.nan, "wall_seconds": wall}
 
 
 @dataclass
@@ -554,7 +613,8 @@ def print_run(label: str, res: dict[str, Any]) -> None:
               f"max {s['max'] * 1e3:8.2f} ms")
     proc = res.get("driver")
     if proc:
-        print(f"    driver: RSS peak {proc['peak_rss_bytes'] / MIB:.1f} MiB, CPU {proc['cpu_seconds']:.2f} s "
+        print(f"    driver ({int(proc['processes'])} processes): peak PSS {proc['peak_pss_bytes'] / MIB:.1f} MiB, "
+              f"peak RSS {proc['peak_rss_bytes'] / MIB:.1f} MiB, CPU {proc['cpu_seconds']:.2f} s "
               f"({proc['cpu_percent']:.0f}% of one core), children {proc['children_cpu_seconds']:.2f} s")
 
 
@@ -603,8 +663,9 @@ def mode_lifecycle(args: argparse.Namespace) -> dict[str, Any]:
         layout = Layout(kubelet)
         stack.callback(sweep_named, kubelet, f"bench-{tag}-")
         if pid:
-            out["driver_idle_rss_bytes"] = psutil.Process(pid).memory_info().rss
-            print(f"driver pid {pid}: idle RSS {out['driver_idle_rss_bytes'] / MIB:.1f} MiB")
+            mem = tree_memory(driver_tree(pid))
+            out["driver_idle_rss_bytes"], out["driver_idle_pss_bytes"] = mem["rss_bytes"], mem["pss_bytes"]
+            print(f"driver pid {pid}: idle {memory_line(mem)}")
         for c in args.concurrency:
             res = thinloop_run(client, layout, names_for(f"{tag}-c{c}", args.count), args.size,
                                args.fs, c, pid)
@@ -642,8 +703,9 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
     paired: dict[int, list[float]] = {c: [] for c in args.concurrency}
     with bench_root(Path(args.base_dir)) as root, local_driver(root) as drv, \
             CsiClient.connect(drv.endpoint) as client:
-        out["driver_idle_rss_bytes"] = psutil.Process(drv.pid).memory_info().rss
-        print(f"thinloop pid {drv.pid}: idle RSS {out['driver_idle_rss_bytes'] / MIB:.1f} MiB; "
+        mem = tree_memory(driver_tree(drv.pid))
+        out["driver_idle_rss_bytes"], out["driver_idle_pss_bytes"] = mem["rss_bytes"], mem["pss_bytes"]
+        print(f"thinloop pid {drv.pid}: idle {memory_line(mem)}; "
               f"{os.cpu_count()} CPUs")
         layout = Layout(drv.kubelet_dir)
         raw_root = root / "raw"
@@ -671,10 +733,10 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{kind:>8} c={c:<3}{m['volumes_per_second']:8.2f}{m['lifecycle_p50'] * 1e3:12.1f} ms"
                   + "".join(f"{m.get(f'{s}_p50', math.nan) * 1e3:13.2f} ms" for s in STEPS))
         t, w = medians[f"thinloop/c{c}"], medians[f"raw/c{c}"]
-        rss = t.get("driver_peak_rss_bytes", math.nan) / MIB
+        pss = t.get("driver_peak_pss_bytes", math.nan) / MIB
         print(f"   c={c}: vol/s thinloop/raw {benchstats.ratio(t['volumes_per_second'], w['volumes_per_second']):.2f}"
               f", thinloop vs its own c={seq}: "
-              f"{benchstats.ratio(t['volumes_per_second'], thin_seq_rate):.2f}x, driver peak RSS {rss:.1f} MiB")
+              f"{benchstats.ratio(t['volumes_per_second'], thin_seq_rate):.2f}x, driver peak PSS {pss:.1f} MiB")
     if args.plot:
         plot_compare(out, Path(args.plot))
     for c in sorted(args.concurrency, reverse=True):
@@ -815,7 +877,7 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
         try:
             out["startup_empty_seconds"] = drv.start()
             with CsiClient.connect(drv.endpoint) as client:
-                out["idle_rss_empty_bytes"] = psutil.Process(drv.pid).memory_info().rss
+                out["idle_rss_empty_bytes"], out["idle_pss_empty_bytes"] = idle_memory(drv.pid)
                 names = [f"scale-{i:05d}" for i in range(args.volumes)]
 
                 def create(name: str, rec: Recorder, acc: list[float]) -> None:
@@ -828,7 +890,7 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
                 out["create"] = {"wall_seconds": wall, "volumes_per_second": args.volumes / wall,
                                  "latency": benchstats.summarize(rec.steps["CreateVolume"]).as_dict()}
                 print(f"created {args.volumes} volumes in {wall:.1f} s")
-                out["idle_rss_bytes"] = psutil.Process(drv.pid).memory_info().rss
+                out["idle_rss_bytes"], out["idle_pss_bytes"] = idle_memory(drv.pid)
                 out["get_capacity"] = timings(lambda: client.controller.GetCapacity(
                     csi_pb2.GetCapacityRequest(volume_capabilities=[cap])), args.reps)
                 walks = {}
@@ -842,7 +904,7 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
             starts = []
             for _ in range(args.reps):
                 starts.append(drv.start())
-                out["idle_rss_after_start_bytes"] = psutil.Process(drv.pid).memory_info().rss
+                out["idle_rss_after_start_bytes"], out["idle_pss_after_start_bytes"] = idle_memory(drv.pid)
                 drv.stop()
             out["startup"] = benchstats.summarize(starts).as_dict()
             drv.start()
@@ -874,9 +936,11 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ListVolumes walk ({what}): p50 {s['p50'] * ms:.1f} ms p95 {s['p95'] * ms:.1f} ms")
     print(f"NodeStageVolume among {args.volumes}: p50 {out['stage']['p50'] * ms:.1f} ms; "
           f"unstage p50 {out['unstage']['p50'] * ms:.1f} ms")
-    print(f"driver RSS idle: {out['idle_rss_empty_bytes'] / MIB:.1f} MiB empty, "
-          f"{out['idle_rss_bytes'] / MIB:.1f} MiB after creating {args.volumes} volumes, "
-          f"{out['idle_rss_after_start_bytes'] / MIB:.1f} MiB after a restart")
+    print(f"driver idle PSS (RSS): {out['idle_pss_empty_bytes'] / MIB:.1f} "
+          f"({out['idle_rss_empty_bytes'] / MIB:.1f}) MiB empty, "
+          f"{out['idle_pss_bytes'] / MIB:.1f} ({out['idle_rss_bytes'] / MIB:.1f}) MiB after creating "
+          f"{args.volumes} volumes, {out['idle_pss_after_start_bytes'] / MIB:.1f} "
+          f"({out['idle_rss_after_start_bytes'] / MIB:.1f}) MiB after a restart")
     return out
 
 
