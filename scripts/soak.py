@@ -42,18 +42,23 @@ POOL_FILL = 32
 
 @dataclass(frozen=True)
 class Figures:
-    """What a leak would show in: the driver's fds, threads and RSS, and the loop devices
-    and mounts under the soak directory."""
+    """What a leak would show in: the fds, threads and memory of the driver's processes
+    (the server and its handler workers, summed), and the loop devices and mounts under the
+    soak directory. Memory as a container's cgroup charges it (the server's resident pages
+    plus each worker's private ones: pages the workers still share with the server, from
+    which they were forked, count once) and as the RSS sum, which counts those in each."""
 
     fds: int
     threads: int
     loops: int
     mounts: int
     rss_bytes: int
+    memory_bytes: int
+    processes: int
 
     def line(self) -> str:
-        return (f"fds={self.fds} threads={self.threads} loops={self.loops} mounts={self.mounts} "
-                f"rss={self.rss_bytes / MIB:.1f}MiB")
+        return (f"processes={self.processes} fds={self.fds} threads={self.threads} loops={self.loops} "
+                f"mounts={self.mounts} memory={self.memory_bytes / MIB:.1f}MiB rss-sum={self.rss_bytes / MIB:.1f}MiB")
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,24 @@ class Report:
     @property
     def flat(self) -> bool:
         s, e = self.start, self.end
-        return (e.fds, e.threads, e.loops, e.mounts) == (s.fds, s.threads, s.loops, s.mounts)
+        return ((e.processes, e.fds, e.threads, e.loops, e.mounts)
+                == (s.processes, s.fds, s.threads, s.loops, s.mounts))
+
+
+def driver_processes(proc: psutil.Process) -> list[psutil.Process]:
+    """The server and the workers it forked (same command line), not the commands they run."""
+    argv = proc.cmdline()
+    return [proc, *(c for c in proc.children() if c.cmdline() == argv)]
 
 
 def measure(proc: psutil.Process, root: Path) -> Figures:
-    return Figures(fds=proc.num_fds(), threads=proc.num_threads(), loops=len(loops_under(root)),
-                   mounts=len(mounts_under(root)), rss_bytes=proc.memory_info().rss)
+    procs = driver_processes(proc)
+    mem = [p.memory_full_info() for p in procs]
+    return Figures(fds=sum(p.num_fds() for p in procs), threads=sum(p.num_threads() for p in procs),
+                   loops=len(loops_under(root)), mounts=len(mounts_under(root)),
+                   rss_bytes=sum(m.rss for m in mem),
+                   memory_bytes=mem[0].rss + sum(m.uss for m in mem[1:]),
+                   processes=len(procs))
 
 
 def settle(proc: psutil.Process, root: Path, start: Figures, wait: float = 10.0) -> Figures:
@@ -166,8 +183,11 @@ def run(lifecycles: int, root: Path, progress: Callable[[str], None] | None = No
         # The server's worker pool grows lazily up to its ceiling (a worker still busy
         # replying when the next call arrives makes it start another): fill it now so
         # that growth is not mistaken for a leak.
+        # The workers' own pools too: their calls are the Controller and Node ones.
         with concurrent.futures.ThreadPoolExecutor(POOL_FILL) as pool:
             list(pool.map(lambda _: driver.client.identity.Probe(csi_pb2.ProbeRequest()), range(8 * POOL_FILL)))
+            list(pool.map(lambda _: driver.client.node.NodeGetCapabilities(
+                csi_pb2.NodeGetCapabilitiesRequest()), range(8 * POOL_FILL)))
         start = measure(proc, root)
         if progress:
             progress(f"start: {start.line()}")
@@ -203,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     rate = report.lifecycles / report.seconds if report.seconds else 0.0
     print(f"{report.lifecycles} lifecycles in {report.seconds:.1f}s ({rate:.1f}/s)")
-    growth = (report.end.rss_bytes - report.start.rss_bytes) / MIB
-    print(f"rss growth: {growth:+.1f}MiB; fds/threads/loops/mounts "
+    growth = (report.end.memory_bytes - report.start.memory_bytes) / MIB
+    print(f"memory growth: {growth:+.1f}MiB; processes/fds/threads/loops/mounts "
           f"{'flat' if report.flat else 'CHANGED'}")
     print("figures:", {"start": asdict(report.start), "end": asdict(report.end)})
     return 0 if report.flat else 1

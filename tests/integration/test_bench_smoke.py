@@ -56,9 +56,10 @@ def test_lifecycle_starting_its_own_driver(bench: ModuleType, workdir: Path) -> 
         assert r["volumes"] == 2 and r["volumes_per_second"] > 0
         assert set(r["steps"]) == set(bench.STEPS)
         assert r["driver"]["peak_rss_bytes"] > 0
+        assert 0 < r["driver"]["peak_charged_bytes"] <= r["driver"]["peak_rss_bytes"]
         assert 0 < r["driver"]["peak_pss_bytes"] <= r["driver"]["peak_rss_bytes"]
         assert r["driver"]["processes"] == 3, "the server and its two workers"
-    assert 0 < res["driver_idle_pss_bytes"] <= res["driver_idle_rss_bytes"]
+    assert 0 < res["driver_idle_bytes"] <= res["driver_idle_rss_bytes"]
 
 
 def test_lifecycle_against_an_endpoint(bench: ModuleType, driver: Driver, workdir: Path) -> None:

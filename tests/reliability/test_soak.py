@@ -1,5 +1,6 @@
-"""A short soak (scripts/soak.py with 30 lifecycles): the driver's fds and threads, and the
-loop devices and mounts under its dirs, come back to their baseline; RSS stays put."""
+"""A short soak (scripts/soak.py with 30 lifecycles): the fds and threads of the driver's
+processes, and the loop devices and mounts under its dirs, come back to their baseline;
+memory stays put."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.root
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
 LIFECYCLES = 30
-RSS_BOUND = 16 << 20
+MEMORY_BOUND = 16 << 20
 """Generous: a leak of one small object per call would still be far below it at 30
 lifecycles, but a leaked buffer per volume or per mount would cross it."""
 
@@ -34,8 +35,9 @@ def test_short_soak_is_flat(workdir: Path) -> None:
     report = soak.run(LIFECYCLES, workdir, progress=lines.append)
     start, end = report.start, report.end
     assert (start.loops, start.mounts) == (0, 0)
+    assert start.processes == end.processes == 3, "the server and its two workers"
     assert end.fds == start.fds, lines
     assert end.threads == start.threads, lines
     assert (end.loops, end.mounts) == (0, 0), lines
-    assert end.rss_bytes - start.rss_bytes < RSS_BOUND, lines
+    assert end.memory_bytes - start.memory_bytes < MEMORY_BOUND, lines
     assert report.flat
