@@ -18,6 +18,7 @@ MODES = ("all", "controller", "node")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 DEFAULT_WORKERS = 2
+DEFAULT_WORKER_IDLE_SECONDS = 10.0
 MAX_WORKERS = 64
 
 
@@ -52,6 +53,7 @@ class Settings:
     metrics_address: str = ""
     """host:port for the Prometheus endpoint; empty disables it."""
     workers: int = 0
+    worker_idle_seconds: float = DEFAULT_WORKER_IDLE_SECONDS
     """Processes the Controller and Node calls run in; 0 runs them in the server's own."""
 
     @property
@@ -111,7 +113,11 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="host:port serving Prometheus metrics (off when empty)")
     p.add_argument("--workers", default=env("WORKERS", str(DEFAULT_WORKERS)),
                    help="processes that run the Controller and Node calls, so that they use "
-                   "more than one CPU (0: run them in the server process)")
+                   "more than one CPU (0: run them in the server process); at most this "
+                   "many, started when calls wait")
+    p.add_argument("--worker-idle-seconds",
+                   default=env("WORKER_IDLE_SECONDS", str(DEFAULT_WORKER_IDLE_SECONDS)),
+                   help="a worker process with no call for this long exits (its memory goes back)")
     return p
 
 
@@ -146,6 +152,13 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         raise SettingsError(f"--workers {ns.workers!r}: not an integer") from None
     if not 0 <= workers <= MAX_WORKERS:
         raise SettingsError(f"--workers {workers}: must be between 0 and {MAX_WORKERS}")
+    try:
+        idle = float(ns.worker_idle_seconds)
+    except ValueError:
+        raise SettingsError(f"--worker-idle-seconds {ns.worker_idle_seconds!r}: not a number") from None
+    if not 0 < idle <= 86400:
+        raise SettingsError(f"--worker-idle-seconds {ns.worker_idle_seconds!r}: must be above 0 and "
+                            "at most 86400")
     data_dir = Path(ns.data_dir)
     if not data_dir.is_absolute():
         raise SettingsError(f"--data-dir {ns.data_dir!r}: must be an absolute path")
@@ -171,6 +184,7 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         kubelet_dir=kubelet_dir,
         metrics_address=ns.metrics_address,
         workers=workers,
+        worker_idle_seconds=idle,
     )
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import struct
 import threading
+from _blake2 import blake2b  # hashlib would also start OpenSSL: 0.5 MiB more in every process
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +26,7 @@ LOCK_FILE = ".inflight.lock"
 
 
 def _byte_of(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+    return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
 
 def _flock(kind: int, start: int) -> bytes:

@@ -213,3 +213,10 @@ def die_with_parent() -> None:
     """Have the kernel SIGKILL this process when the thread that forked it ends."""
     if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise SyscallError("prctl", ["PR_SET_PDEATHSIG"], ctypes.get_errno())
+
+
+def malloc_trim() -> None:
+    """Give the C heap's free pages back to the kernel (glibc; a no-op elsewhere)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -196,9 +196,10 @@ class Driver:
         return out
 
     def start_workers(self, count: int) -> None:
-        """Run the Controller and Node calls in `count` forked processes (csi_driver.workers)."""
+        """Run the Controller and Node calls in up to `count` forked processes
+        (csi_driver.workers)."""
         from .workers import WorkerPool
-        pool = WorkerPool(count)
+        pool = WorkerPool(count, self.settings.worker_idle_seconds)
         pool.start(self.services())
         self.pool = pool
 

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from csi_driver import benchstats  # noqa: E402
+from csi_driver import benchstats, procmem  # noqa: E402
 from csi_driver.client import CsiClient, capability  # noqa: E402
 from csi_driver.hostos import HostOS, sector_size_for  # noqa: E402
 from csi_driver.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
@@ -163,94 +163,111 @@ def find_listener(socket_path: str) -> int | None:
     return None
 
 
-def driver_tree(pid: int) -> list[psutil.Process]:
-    """The driver's processes: the server and the handler workers it forked (same command
-    line); not the short-lived commands (mkfs) they run."""
-    front = psutil.Process(pid)
-    argv = front.cmdline()
-    out = [front]
-    for child in front.children():
+def tree_memory(pid: int, *, full: bool = True) -> dict[str, float]:
+    """The memory of the driver's processes (procmem.driver_processes: the server, and the
+    worker spawner and workers it forked). `resident`: every physical page any of them
+    maps, counted once (procmem.resident_bytes, as root; otherwise the server's RSS plus
+    the others' private pages, which misses pages two children still share). The RSS sum
+    counts a shared page in each process. PSS splits each shared page among all its
+    mappers, this benchmark's own gRPC client among them, so it reads low; it is kept for
+    reference."""
+    pids = procmem.driver_processes(pid)
+    rss = fallback = pss = 0.0
+    for i, p in enumerate(pids):
         with contextlib.suppress(psutil.Error):
-            if child.cmdline() == argv:
-                out.append(child)
-    return out
-
-
-def tree_memory(procs: list[psutil.Process], *, full: bool = True) -> dict[str, float]:
-    """The driver's memory three ways. `charged`: the server's resident pages plus each
-    worker's private ones, which is what a container's memory cgroup charges (a page the
-    workers still share with the server, having been forked from it, is charged once). The
-    RSS sum counts those shared pages in every process. PSS splits each shared page among
-    all its mappers, this benchmark's own gRPC client among them, so it comes out lower
-    than `charged`; it is kept for reference."""
-    rss = charged = pss = 0.0
-    for i, p in enumerate(procs):
-        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(p)
             if full:
-                info = p.memory_full_info()
+                info = proc.memory_full_info()
                 pss += info.pss
-                charged += info.rss if i == 0 else info.uss
+                fallback += info.rss if i == 0 else info.uss
                 rss += info.rss
             else:
-                rss += p.memory_info().rss
-    out = {"rss_bytes": rss, "processes": float(len(procs))}
+                rss += proc.memory_info().rss
+    out = {"rss_bytes": rss, "processes": float(len(pids))}
     if full:
+        resident = procmem.resident_bytes(pids)
         out["pss_bytes"] = pss
-        out["charged_bytes"] = charged
+        out["resident_bytes"] = float(resident) if resident is not None else fallback
     return out
 
 
 def idle_memory(pid: int) -> tuple[float, float]:
-    """(charged, RSS sum) of the driver's processes (see tree_memory)."""
-    mem = tree_memory(driver_tree(pid))
-    return mem["charged_bytes"], mem["rss_bytes"]
+    """(resident, RSS sum) of the driver's processes (see tree_memory)."""
+    mem = tree_memory(pid)
+    return mem["resident_bytes"], mem["rss_bytes"]
 
 
 def memory_line(mem: dict[str, float]) -> str:
     n = int(mem["processes"])
-    return (f"{mem['charged_bytes'] / MIB:.1f} MiB (server RSS + workers' private pages; "
-            f"RSS sum {mem['rss_bytes'] / MIB:.1f}, PSS {mem['pss_bytes'] / MIB:.1f}) "
+    return (f"{mem['resident_bytes'] / MIB:.1f} MiB resident, each page once (RSS sum "
+            f"{mem['rss_bytes'] / MIB:.1f}, PSS {mem['pss_bytes'] / MIB:.1f}) "
             f"over {n} process{'es' if n != 1 else ''}")
 
 
-def _cpu(procs: list[psutil.Process]) -> tuple[float, float]:
-    own = kids = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            own += t.user + t.system
-            kids += t.children_user + t.children_system
-    return own, kids
+class _Cpu:
+    """CPU seconds of a changing set of processes: each one's own time from when it is
+    first seen to when it is last seen, and the time of the commands it ran and reaped
+    (mkfs), except in a process that forked driver processes, whose reaped children's time
+    is theirs, counted already. A worker that lives less than a sample apart is missed."""
+
+    def __init__(self) -> None:
+        self.since = time.time()
+        self.first: dict[int, tuple[float, float]] = {}
+        self.last: dict[int, tuple[float, float]] = {}
+        self.parents: set[int] = set()
+
+    def sample(self, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                t = proc.cpu_times()
+                now = (t.user + t.system, t.children_user + t.children_system)
+                if pid not in self.first:  # one born since counts from nothing
+                    self.first[pid] = (0.0, 0.0) if proc.create_time() > self.since else now
+                self.last[pid] = now
+                ppid = proc.ppid()
+                if ppid in pids:
+                    self.parents.add(ppid)
+
+    def totals(self) -> tuple[float, float]:
+        own = sum(self.last[p][0] - self.first[p][0] for p in self.last)
+        kids = sum(self.last[p][1] - self.first[p][1] for p in self.last if p not in self.parents)
+        return own, kids
 
 
 class ProcWatch:
-    """Memory and CPU of the driver's processes over a stretch of time: the RSS sum every
-    20 ms and the charged memory and PSS every 200 ms (peaks kept; see tree_memory), CPU
-    from the kernel's counters at both ends (own, and reaped children's such as mkfs)."""
+    """Memory and CPU of the driver's processes over a stretch of time, the set of
+    processes read again at each sample (workers come and go): the RSS sum and CPU every
+    20 ms, the resident memory and PSS every 200 ms (peaks kept; see tree_memory)."""
 
     def __init__(self, pid: int) -> None:
-        self.procs = driver_tree(pid)
-        self.peak = {"rss_bytes": 0.0, "pss_bytes": 0.0, "charged_bytes": 0.0}
+        self.pid = pid
+        self.peak = {"rss_bytes": 0.0, "pss_bytes": 0.0, "resident_bytes": 0.0}
+        self.most_processes = 0
+        self._cpu = _Cpu()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._t0 = 0.0
-        self._cpu0 = (0.0, 0.0)
         self.result: dict[str, float] = {}
 
-    def _take(self, mem: dict[str, float]) -> None:
+    def _take(self, full: bool = True) -> dict[str, float]:
+        mem = tree_memory(self.pid, full=full)
+        self._cpu.sample(procmem.driver_processes(self.pid))
+        self.most_processes = max(self.most_processes, int(mem["processes"]))
         for k in self.peak:
             self.peak[k] = max(self.peak[k], mem.get(k, 0.0))
+        return mem
 
     def _sample(self) -> None:
         n = 0
         while not self._stop.wait(0.02):
             n += 1
-            self._take(tree_memory(self.procs, full=n % 10 == 0))
+            with contextlib.suppress(OSError):  # the driver may be stopping
+                self._take(full=n % 10 == 0)
 
     def __enter__(self) -> ProcWatch:
         self._t0 = time.monotonic()
-        self._cpu0 = _cpu(self.procs)
-        self._take(tree_memory(self.procs))
+        self._take()
         self._thread.start()
         return self
 
@@ -258,13 +275,11 @@ class ProcWatch:
         self._stop.set()
         self._thread.join()
         wall = time.monotonic() - self._t0
-        own1, kids1 = _cpu(self.procs)
-        own, kids = own1 - self._cpu0[0], kids1 - self._cpu0[1]
-        end = tree_memory(self.procs)
-        self._take(end)
+        end = self._take()
+        own, kids = self._cpu.totals()
         self.result = {**{f"peak_{k}": v for k, v in self.peak.items()},
                        **{f"end_{k}": end[k] for k in self.peak},
-                       "processes": end["processes"],
+                       "processes": float(self.most_processes),
                        "cpu_seconds": own, "children_cpu_seconds": kids,
                        "cpu_percent": 100.0 * own / wall if wall else math.nan, "wall_seconds": wall}
 
@@ -618,7 +633,7 @@ def print_run(label: str, res: dict[str, Any]) -> None:
               f"max {s['max'] * 1e3:8.2f} ms")
     proc = res.get("driver")
     if proc:
-        print(f"    driver ({int(proc['processes'])} processes): peak memory {proc['peak_charged_bytes'] / MIB:.1f} MiB, "
+        print(f"    driver ({int(proc['processes'])} processes): peak memory {proc['peak_resident_bytes'] / MIB:.1f} MiB, "
               f"peak RSS {proc['peak_rss_bytes'] / MIB:.1f} MiB, CPU {proc['cpu_seconds']:.2f} s "
               f"({proc['cpu_percent']:.0f}% of one core), children {proc['children_cpu_seconds']:.2f} s")
 
@@ -668,8 +683,8 @@ def mode_lifecycle(args: argparse.Namespace) -> dict[str, Any]:
         layout = Layout(kubelet)
         stack.callback(sweep_named, kubelet, f"bench-{tag}-")
         if pid:
-            mem = tree_memory(driver_tree(pid))
-            out["driver_idle_bytes"], out["driver_idle_rss_bytes"] = mem["charged_bytes"], mem["rss_bytes"]
+            mem = tree_memory(pid)
+            out["driver_idle_bytes"], out["driver_idle_rss_bytes"] = mem["resident_bytes"], mem["rss_bytes"]
             print(f"driver pid {pid}: idle {memory_line(mem)}")
         for c in args.concurrency:
             res = thinloop_run(client, layout, names_for(f"{tag}-c{c}", args.count), args.size,
@@ -708,8 +723,8 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
     paired: dict[int, list[float]] = {c: [] for c in args.concurrency}
     with bench_root(Path(args.base_dir)) as root, local_driver(root) as drv, \
             CsiClient.connect(drv.endpoint) as client:
-        mem = tree_memory(driver_tree(drv.pid))
-        out["driver_idle_bytes"], out["driver_idle_rss_bytes"] = mem["charged_bytes"], mem["rss_bytes"]
+        mem = tree_memory(drv.pid)
+        out["driver_idle_bytes"], out["driver_idle_rss_bytes"] = mem["resident_bytes"], mem["rss_bytes"]
         print(f"thinloop pid {drv.pid}: idle {memory_line(mem)}; "
               f"{os.cpu_count()} CPUs")
         layout = Layout(drv.kubelet_dir)
@@ -738,7 +753,7 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{kind:>8} c={c:<3}{m['volumes_per_second']:8.2f}{m['lifecycle_p50'] * 1e3:12.1f} ms"
                   + "".join(f"{m.get(f'{s}_p50', math.nan) * 1e3:13.2f} ms" for s in STEPS))
         t, w = medians[f"thinloop/c{c}"], medians[f"raw/c{c}"]
-        peak = t.get("driver_peak_charged_bytes", math.nan) / MIB
+        peak = t.get("driver_peak_resident_bytes", math.nan) / MIB
         print(f"   c={c}: vol/s thinloop/raw {benchstats.ratio(t['volumes_per_second'], w['volumes_per_second']):.2f}"
               f", thinloop vs its own c={seq}: "
               f"{benchstats.ratio(t['volumes_per_second'], thin_seq_rate):.2f}x, driver peak memory {peak:.1f} MiB")
@@ -874,6 +889,15 @@ def list_walk(client: CsiClient, page: int) -> int:
             return seen
 
 
+def settle(pid: int, processes: int, timeout: float = 60.0) -> float:
+    """Wait until the driver is down to `processes` processes again (its idle workers
+    exit after --worker-idle-seconds); return the seconds waited."""
+    t0 = time.monotonic()
+    while len(procmem.driver_processes(pid)) > processes and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"volumes": args.volumes, "volume_size": args.size, "fs": args.fs}
     cap = capability(fs_type=args.fs)
@@ -882,7 +906,9 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
         try:
             out["startup_empty_seconds"] = drv.start()
             with CsiClient.connect(drv.endpoint) as client:
-                out["idle_empty_bytes"], out["idle_rss_empty_bytes"] = idle_memory(drv.pid)
+                start_mem = tree_memory(drv.pid)
+                out["idle_empty_bytes"] = start_mem["resident_bytes"]
+                out["idle_rss_empty_bytes"] = start_mem["rss_bytes"]
                 names = [f"scale-{i:05d}" for i in range(args.volumes)]
 
                 def create(name: str, rec: Recorder, acc: list[float]) -> None:
@@ -895,6 +921,8 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
                 out["create"] = {"wall_seconds": wall, "volumes_per_second": args.volumes / wall,
                                  "latency": benchstats.summarize(rec.steps["CreateVolume"]).as_dict()}
                 print(f"created {args.volumes} volumes in {wall:.1f} s")
+                out["after_burst_bytes"], out["after_burst_rss_bytes"] = idle_memory(drv.pid)
+                out["settle_seconds"] = settle(drv.pid, int(start_mem["processes"]))
                 out["idle_bytes"], out["idle_rss_bytes"] = idle_memory(drv.pid)
                 out["get_capacity"] = timings(lambda: client.controller.GetCapacity(
                     csi_pb2.GetCapacityRequest(volume_capabilities=[cap])), args.reps)
@@ -941,11 +969,13 @@ def mode_scale(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ListVolumes walk ({what}): p50 {s['p50'] * ms:.1f} ms p95 {s['p95'] * ms:.1f} ms")
     print(f"NodeStageVolume among {args.volumes}: p50 {out['stage']['p50'] * ms:.1f} ms; "
           f"unstage p50 {out['unstage']['p50'] * ms:.1f} ms")
-    print(f"driver memory idle, server RSS + workers' private pages (RSS sum): "
-          f"{out['idle_empty_bytes'] / MIB:.1f} ({out['idle_rss_empty_bytes'] / MIB:.1f}) MiB empty, "
-          f"{out['idle_bytes'] / MIB:.1f} ({out['idle_rss_bytes'] / MIB:.1f}) MiB after creating "
-          f"{args.volumes} volumes, {out['idle_after_start_bytes'] / MIB:.1f} "
-          f"({out['idle_rss_after_start_bytes'] / MIB:.1f}) MiB after a restart")
+    print(f"driver memory, resident with each page once (RSS sum): "
+          f"{out['idle_empty_bytes'] / MIB:.1f} ({out['idle_rss_empty_bytes'] / MIB:.1f}) MiB idle empty, "
+          f"{out['after_burst_bytes'] / MIB:.1f} ({out['after_burst_rss_bytes'] / MIB:.1f}) MiB just "
+          f"after creating {args.volumes} volumes, {out['idle_bytes'] / MIB:.1f} "
+          f"({out['idle_rss_bytes'] / MIB:.1f}) MiB idle again {out['settle_seconds']:.1f} s later, "
+          f"{out['idle_after_start_bytes'] / MIB:.1f} ({out['idle_rss_after_start_bytes'] / MIB:.1f}) "
+          f"MiB after a restart")
     return out
 
 

@@ -30,6 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from csi_driver import procmem  # noqa: E402
 from csi_driver.client import CsiClient, capability  # noqa: E402
 from csi_driver.proto import csi_pb2  # noqa: E402
 from csi_driver.sweep import loops_under, mounts_under, sweep  # noqa: E402
@@ -43,10 +44,10 @@ POOL_FILL = 32
 @dataclass(frozen=True)
 class Figures:
     """What a leak would show in: the fds, threads and memory of the driver's processes
-    (the server and its handler workers, summed), and the loop devices and mounts under the
-    soak directory. Memory as a container's cgroup charges it (the server's resident pages
-    plus each worker's private ones: pages the workers still share with the server, from
-    which they were forked, count once) and as the RSS sum, which counts those in each."""
+    (the server, the worker spawner and the workers, summed), and the loop devices and
+    mounts under the soak directory. Memory as the physical pages they map, each counted
+    once (procmem.resident_bytes), and as the RSS sum, which counts a shared page in each
+    process that maps it."""
 
     fds: int
     threads: int
@@ -75,19 +76,15 @@ class Report:
                 == (s.processes, s.fds, s.threads, s.loops, s.mounts))
 
 
-def driver_processes(proc: psutil.Process) -> list[psutil.Process]:
-    """The server and the workers it forked (same command line), not the commands they run."""
-    argv = proc.cmdline()
-    return [proc, *(c for c in proc.children() if c.cmdline() == argv)]
-
-
 def measure(proc: psutil.Process, root: Path) -> Figures:
-    procs = driver_processes(proc)
+    pids = procmem.driver_processes(proc.pid)
+    procs = [psutil.Process(p) for p in pids]
     mem = [p.memory_full_info() for p in procs]
+    resident = procmem.resident_bytes(pids)
     return Figures(fds=sum(p.num_fds() for p in procs), threads=sum(p.num_threads() for p in procs),
                    loops=len(loops_under(root)), mounts=len(mounts_under(root)),
                    rss_bytes=sum(m.rss for m in mem),
-                   memory_bytes=mem[0].rss + sum(m.uss for m in mem[1:]),
+                   memory_bytes=resident if resident is not None else mem[0].rss + sum(m.uss for m in mem[1:]),
                    processes=len(procs))
 
 
@@ -114,7 +111,10 @@ class SoakDriver:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{self.socket}",
              "--data-dir", str(root / "data"), "--kubelet-dir", str(self.kubelet),
-             "--node-id", "soak-node", "--log-level", "warning"],
+             "--node-id", "soak-node", "--log-level", "warning",
+             # The same workers from start to end, so that a leak in them shows; that idle
+             # workers exit is tested in tests/integration/test_workers.py.
+             "--worker-idle-seconds", "3600"],
             cwd=ROOT, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
         while not self.socket.exists():

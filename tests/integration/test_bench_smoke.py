@@ -56,9 +56,10 @@ def test_lifecycle_starting_its_own_driver(bench: ModuleType, workdir: Path) -> 
         assert r["volumes"] == 2 and r["volumes_per_second"] > 0
         assert set(r["steps"]) == set(bench.STEPS)
         assert r["driver"]["peak_rss_bytes"] > 0
-        assert 0 < r["driver"]["peak_charged_bytes"] <= r["driver"]["peak_rss_bytes"]
+        assert 0 < r["driver"]["peak_resident_bytes"] <= r["driver"]["peak_rss_bytes"]
         assert 0 < r["driver"]["peak_pss_bytes"] <= r["driver"]["peak_rss_bytes"]
-        assert r["driver"]["processes"] == 3, "the server and its two workers"
+        # The server, the spawner and one worker (c=1) or two (c=2, two at once).
+        assert r["driver"]["processes"] == 2 + r["concurrency"]
     assert 0 < res["driver_idle_bytes"] <= res["driver_idle_rss_bytes"]
 
 
@@ -100,12 +101,18 @@ def test_fio(bench: ModuleType, workdir: Path) -> None:
         assert job["median"]["thinloop"]["iops"] > 0 and job["median"]["host"]["iops"] > 0
 
 
-def test_scale(bench: ModuleType, workdir: Path) -> None:
+def test_scale(bench: ModuleType, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THINLOOP_WORKER_IDLE_SECONDS", "0.5")
     res = run(bench, workdir, "scale", "--volumes", "5", "--size", "16Mi", "--reps", "1",
               "--page-size", "2")
     assert res["startup"]["n"] == 1 and res["startup"]["p50"] > 0
     assert set(res["list_walk"]) == {"2", "0"}
     assert res["stage"]["n"] == 1
+    assert res["settle_seconds"] < 30, "the workers went idle and exited"
+    for resident, rss in (("idle_empty_bytes", "idle_rss_empty_bytes"),
+                          ("after_burst_bytes", "after_burst_rss_bytes"),
+                          ("idle_bytes", "idle_rss_bytes")):
+        assert 0 < res[resident] <= res[rss]
 
 
 @pytest.mark.parametrize("mode", ["lifecycle", "raw"])

@@ -35,7 +35,7 @@ def test_short_soak_is_flat(workdir: Path) -> None:
     report = soak.run(LIFECYCLES, workdir, progress=lines.append)
     start, end = report.start, report.end
     assert (start.loops, start.mounts) == (0, 0)
-    assert start.processes == end.processes == 3, "the server and its two workers"
+    assert start.processes == end.processes == 4, "the server, the spawner and two workers"
     assert end.fds == start.fds, lines
     assert end.threads == start.threads, lines
     assert (end.loops, end.mounts) == (0, 0), lines

@@ -14,6 +14,8 @@ def test_defaults_and_env() -> None:
     assert s.socket_path == Path("/run/thinloop/csi.sock")
     assert s.workers == 2
     assert parse_settings([], {"THINLOOP_NODE_ID": "n", "THINLOOP_WORKERS": "0"}).workers == 0
+    assert s.worker_idle_seconds == 10.0
+    assert parse_settings(["--worker-idle-seconds", "0.5"], {"THINLOOP_NODE_ID": "n"}).worker_idle_seconds == 0.5
 
 
 def test_flags_override_env() -> None:
@@ -34,6 +36,10 @@ def test_flags_override_env() -> None:
     (["--workers", "-1"], "--workers"),
     (["--workers", "65"], "--workers"),
     (["--workers", "two"], "--workers"),
+    (["--worker-idle-seconds", "0"], "--worker-idle-seconds"),
+    (["--worker-idle-seconds", "nan"], "--worker-idle-seconds"),
+    (["--worker-idle-seconds", "inf"], "--worker-idle-seconds"),
+    (["--worker-idle-seconds", "soon"], "--worker-idle-seconds"),
 ])
 def test_bad_settings_are_one_clear_line(argv: list[str], needle: str) -> None:
     with pytest.raises(SettingsError, match=needle) as info:
