@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import os
+import platform
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +23,17 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 _PRESENT = 1 << 63
 _FRAME = (1 << 55) - 1
 _ENTRY = 8
+
+
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_KCMP_VM = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _same_memory(a: int, b: int) -> bool:
+    """Whether two processes share one address space: a child made with vfork (as Python's
+    subprocess does) that has not yet run exec. Unknown (False) where kcmp is not known."""
+    return _KCMP is not None and _libc.syscall(_KCMP, a, b, _KCMP_VM, 0, 0) == 0
 
 
 def _cmdline(pid: int) -> bytes:
@@ -38,13 +51,15 @@ def _children(pid: int) -> list[int]:
 
 def driver_processes(pid: int) -> list[int]:
     """`pid` and its descendants running the same command line (its forked spawner and
-    workers), not the commands they run (mkfs, mount)."""
+    workers), not the commands they run (mkfs, mount), nor a child caught between vfork and
+    exec of such a command (same command line, but its parent's memory)."""
     argv = _cmdline(pid)
     out, todo = [pid], [pid]
     while todo:
-        for child in _children(todo.pop()):
+        parent = todo.pop()
+        for child in _children(parent):
             with contextlib.suppress(OSError):
-                if _cmdline(child) == argv:
+                if _cmdline(child) == argv and not _same_memory(parent, child):
                     out.append(child)
                     todo.append(child)
     return out

@@ -216,18 +216,16 @@ class _Cpu:
         self.last: dict[int, tuple[float, float]] = {}
         self.parents: set[int] = set()
 
-    def sample(self, pids: list[int]) -> None:
-        for pid in pids:
+    def sample(self, procs: dict[int, psutil.Process]) -> None:
+        for pid, proc in procs.items():
             with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
                 t = proc.cpu_times()
                 now = (t.user + t.system, t.children_user + t.children_system)
                 if pid not in self.first:  # one born since counts from nothing
                     self.first[pid] = (0.0, 0.0) if proc.create_time() > self.since else now
                 self.last[pid] = now
-                ppid = proc.ppid()
-                if ppid in pids:
-                    self.parents.add(ppid)
+                if proc.ppid() in procs:
+                    self.parents.add(proc.ppid())
 
     def totals(self) -> tuple[float, float]:
         own = sum(self.last[p][0] - self.first[p][0] for p in self.last)
@@ -236,24 +234,38 @@ class _Cpu:
 
 
 class ProcWatch:
-    """Memory and CPU of the driver's processes over a stretch of time, the set of
-    processes read again at each sample (workers come and go): the RSS sum and CPU every
-    20 ms, the resident memory and PSS every 200 ms (peaks kept; see tree_memory)."""
+    """Memory and CPU of the driver's processes over a stretch of time. Workers come and
+    go, so the set of processes is read again every 200 ms, with their CPU times; the RSS
+    sum is sampled every 20 ms, the resident memory and PSS every second (reading page
+    tables costs a few ms of CPU per process, which the driver would feel on 2 cores).
+    Peaks are kept; see tree_memory."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak = {"rss_bytes": 0.0, "pss_bytes": 0.0, "resident_bytes": 0.0}
         self.most_processes = 0
+        self._procs: dict[int, psutil.Process] = {}
         self._cpu = _Cpu()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._t0 = 0.0
         self.result: dict[str, float] = {}
 
-    def _take(self, full: bool = True) -> dict[str, float]:
-        mem = tree_memory(self.pid, full=full)
-        self._cpu.sample(procmem.driver_processes(self.pid))
-        self.most_processes = max(self.most_processes, int(mem["processes"]))
+    def _refresh(self) -> None:
+        pids = procmem.driver_processes(self.pid)
+        self._procs = {p: self._procs.get(p) or psutil.Process(p) for p in pids}
+        self.most_processes = max(self.most_processes, len(pids))
+        self._cpu.sample(self._procs)
+
+    def _take(self, full: bool) -> dict[str, float]:
+        if full:
+            mem = tree_memory(self.pid)
+        else:
+            rss = 0.0
+            for proc in self._procs.values():
+                with contextlib.suppress(psutil.Error):
+                    rss += proc.memory_info().rss
+            mem = {"rss_bytes": rss}
         for k in self.peak:
             self.peak[k] = max(self.peak[k], mem.get(k, 0.0))
         return mem
@@ -262,12 +274,15 @@ class ProcWatch:
         n = 0
         while not self._stop.wait(0.02):
             n += 1
-            with contextlib.suppress(OSError):  # the driver may be stopping
-                self._take(full=n % 10 == 0)
+            with contextlib.suppress(OSError, psutil.Error):  # the driver may be stopping
+                if n % 10 == 0:
+                    self._refresh()
+                self._take(full=n % 50 == 0)
 
     def __enter__(self) -> ProcWatch:
         self._t0 = time.monotonic()
-        self._take()
+        self._refresh()
+        self._take(full=True)
         self._thread.start()
         return self
 
@@ -275,7 +290,8 @@ class ProcWatch:
         self._stop.set()
         self._thread.join()
         wall = time.monotonic() - self._t0
-        end = self._take()
+        self._refresh()
+        end = self._take(full=True)
         own, kids = self._cpu.totals()
         self.result = {**{f"peak_{k}": v for k, v in self.peak.items()},
                        **{f"end_{k}": end[k] for k in self.peak},

@@ -65,3 +65,17 @@ def test_a_gone_process_gives_none() -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     assert procmem.resident_bytes([p.pid]) is None
+
+
+def test_a_child_sharing_its_parents_memory_is_not_counted() -> None:
+    """A vfork child before exec has its parent's command line and address space."""
+    assert procmem._same_memory(os.getpid(), os.getpid())
+    child = os.fork()
+    if child == 0:
+        signal.pause()
+        os._exit(0)
+    try:
+        assert not procmem._same_memory(os.getpid(), child)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
