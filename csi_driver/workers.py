@@ -235,6 +235,7 @@ class _Worker:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     pending: dict[int, _Waiter] = field(default_factory=dict)
     idle_since: float = field(default_factory=time.monotonic)
+    retiring: bool = False
 
 
 class WorkerPool:
@@ -258,8 +259,11 @@ class WorkerPool:
         self._indexes = itertools.count()
         self._next = 0
         self._spawning = 0
-        self._retired: set[int] = set()
+        self._retiring: dict[int, _Worker] = {}
+        """Workers told to finish, by pid, until the spawner reports their exit (a pid can
+        be reused after that)."""
         self._exits: dict[int, int] = {}
+        """Exit statuses of workers that died unasked, for their reader's log line."""
         self._closing = False
         self._stop = threading.Event()
         self._ctl: socket.socket | None = None
@@ -378,11 +382,13 @@ class WorkerPool:
                 log.debug("started handler worker %d (pid %d)", worker.index, worker.pid)
             else:
                 with self._changed:
-                    self._exits[a] = b
-                    retired = a in self._retired
-                    self._changed.notify_all()
-                if retired and b != 0:
-                    log.error("idle handler worker (pid %d) %s while finishing", a, _how(b))
+                    retired = self._retiring.pop(a, None)
+                    if retired is None:
+                        self._exits[a] = b
+                        self._changed.notify_all()
+                if retired is not None and b != 0:
+                    log.error("idle handler worker %d (pid %d) %s while finishing",
+                              retired.index, a, _how(b))
         if self._closing:
             return
         how = "exited"
@@ -404,12 +410,12 @@ class WorkerPool:
         except OSError:
             pass
         with self._changed:
-            if self._closing or worker.pid in self._retired:
+            if self._closing or worker.retiring:
                 worker.sock.close()
                 return
             # Unasked: learn how from the spawner, briefly, for the log line.
             self._changed.wait_for(lambda: worker.pid in self._exits, timeout=2.0)
-            wstatus = self._exits.get(worker.pid)
+            wstatus = self._exits.pop(worker.pid, None)
         how = "exited" if wstatus is None else _how(wstatus)
         self._fatal(f"handler worker {worker.index} (pid {worker.pid}) {how}")
 
@@ -430,7 +436,8 @@ class WorkerPool:
                         if not w.pending and now - w.idle_since >= self.idle_seconds]
                 for w in idle:
                     self.workers.remove(w)
-                    self._retired.add(w.pid)
+                    w.retiring = True
+                    self._retiring[w.pid] = w
             for w in idle:
                 log.debug("stopping handler worker %d (pid %d): idle for %g s", w.index, w.pid,
                           self.idle_seconds)
