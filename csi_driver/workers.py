@@ -331,7 +331,10 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         assert self._ctl is not None
-        self._ctl.send(pickle.dumps(next(self._indexes)))
+        try:
+            self._ctl.send(pickle.dumps(next(self._indexes)))
+        except OSError as exc:  # the spawner is gone; its reader is stopping the driver
+            raise Remote(grpc.StatusCode.UNAVAILABLE, f"cannot start a handler worker: {exc}") from None
         self._spawning += 1
 
     def call(self, method: str, request: Message, response_cls: type[Message]) -> Message:
@@ -341,8 +344,12 @@ class WorkerPool:
             call_id = next(self._ids)
             worker.pending[call_id] = waiter
         try:
-            with worker.send_lock:
-                _send(worker.sock, (call_id, method, request.SerializeToString()))
+            try:
+                with worker.send_lock:
+                    _send(worker.sock, (call_id, method, request.SerializeToString()))
+            except OSError as exc:  # the worker is gone; its reader is stopping the driver
+                raise Remote(grpc.StatusCode.UNAVAILABLE,
+                             f"handler worker {worker.index} is gone: {exc}") from None
             waiter.done.acquire()
         finally:
             with self._lock:
