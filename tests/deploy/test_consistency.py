@@ -12,6 +12,7 @@ from csi_driver.config import DEFAULT_DRIVER_NAME, TOPOLOGY_KEY, parse_settings
 
 from .manifests import (
     CHART_DIR,
+    DATASTORE_TOPOLOGY_KEY,
     EXAMPLES_DIR,
     KUSTOMIZE_DIR,
     ROOT,
@@ -279,12 +280,14 @@ def test_topology_key(base: list[Obj]) -> None:
     assert term["key"] == TOPOLOGY_KEY
     docs = (ROOT / "docs" / "deploy.md").read_text()
     assert TOPOLOGY_KEY in docs
-    # Any topology.* key mentioned in deployment files is the driver's.
+    # Any topology.* key mentioned in deployment files is one of the driver's
+    # (node-local, or shared datastore: tests/deploy/test_shared.py).
+    keys = {TOPOLOGY_KEY, DATASTORE_TOPOLOGY_KEY}
     for path in [*iter_files(EXAMPLES_DIR), *KUSTOMIZE_DIR.rglob("*.yaml"), *CHART_DIR.rglob("*.yaml")]:
         for m in re.finditer(r"topology\.[a-z0-9.]+/[a-z]+", path.read_text()):
-            assert m.group(0) == TOPOLOGY_KEY, path
+            assert m.group(0) in keys, path
     for m in re.finditer(r"topology\.[a-z0-9.]+/[a-z]+", docs):
-        assert m.group(0) == TOPOLOGY_KEY
+        assert m.group(0) in keys
 
 
 def test_examples_cover_the_issue() -> None:

@@ -14,7 +14,16 @@ from typing import Any
 import jsonschema
 import pytest
 
-from .manifests import EXAMPLES_DIR, KUSTOMIZE_DIR, METRICS_DIR, Obj, iter_files, kustomize, load_all
+from .manifests import (
+    EXAMPLES_DIR,
+    KUSTOMIZE_DIR,
+    METRICS_DIR,
+    SHARED_OVERLAYS,
+    Obj,
+    iter_files,
+    kustomize,
+    load_all,
+)
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
@@ -164,7 +173,7 @@ def test_kustomize_base_validates(base: list[Obj]) -> None:
         validate(obj)
 
 
-@pytest.mark.parametrize("overlay", ["microk8s", "k0s"])
+@pytest.mark.parametrize("overlay", ["microk8s", "k0s", *SHARED_OVERLAYS])
 def test_overlays_validate(overlay: str) -> None:
     for obj in kustomize(KUSTOMIZE_DIR / "overlays" / overlay):
         validate(obj)
@@ -173,6 +182,20 @@ def test_overlays_validate(overlay: str) -> None:
 def test_helm_chart_validates(chart: list[Obj]) -> None:
     assert len(chart) >= 15
     for obj in chart:
+        validate(obj)
+
+
+def test_shared_kinds_have_schemas(shared: list[Obj], shared_chart: list[Obj]) -> None:
+    """The shared-datastore objects (PodDisruptionBudget, PV, PVC too) are all validated."""
+    nfs = kustomize(KUSTOMIZE_DIR / "overlays" / "shared-datastore-nfs")
+    for obj in shared + shared_chart + nfs:
+        if (obj["apiVersion"], obj["kind"]) not in CRD_SCHEMAS:
+            kv.validate(obj, K8S_VERSION)
+
+
+def test_shared_helm_chart_validates(shared_chart: list[Obj]) -> None:
+    assert len(shared_chart) >= 20
+    for obj in shared_chart:
         validate(obj)
 
 

@@ -15,3 +15,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "thinloop.image" -}}
 {{ .repository }}:{{ .tag }}
 {{- end -}}
+
+{{/* Host directory holding the shared-datastore driver's socket. */}}
+{{- define "thinloop.sharedPluginDir" -}}
+{{ .Values.kubeletDir }}/plugins/{{ .Values.sharedDatastore.driverName }}
+{{- end -}}
+
+{{/* The shared datastore's image directory: <mountRoot>/<name>. */}}
+{{- define "thinloop.sharedDataDir" -}}
+{{ .Values.sharedDatastore.mountRoot }}/{{ .Values.sharedDatastore.name }}
+{{- end -}}
