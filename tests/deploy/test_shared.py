@@ -31,6 +31,7 @@ from csi_driver.config import SettingsError, parse_settings
 from .manifests import (
     CHART_DIR,
     DATASTORE_TOPOLOGY_KEY,
+    EXAMPLES_DIR,
     KUSTOMIZE_DIR,
     NAMESPACE,
     ROOT,
@@ -40,6 +41,7 @@ from .manifests import (
     containers,
     find,
     kustomize,
+    load_all,
     render_chart,
 )
 from .test_consistency import SOCKET_IN_POD, expand, flag, host_path_of, images
@@ -216,6 +218,14 @@ def test_installs_next_to_node_local(base: list[Obj], shared: list[Obj], chart: 
     # The chart with both drivers renders exactly the two sets.
     both = normalise(render_chart({"sharedDatastore": {"enabled": True}}))
     assert both == {**normalise(chart), **normalise(shared_chart)}
+
+
+def test_chart_lints_in_shared_mode() -> None:
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+    for values in (SHARED_VALUES, {"sharedDatastore": {"enabled": True}}):
+        result = helm.lint(str(CHART_DIR), values, strict=True)
+        assert result["errors"] == []
+        assert all(m["severity"] <= 1 for m in result["messages"]), result["messages"]
 
 
 def test_default_chart_has_no_shared_objects(chart: list[Obj]) -> None:
@@ -427,3 +437,37 @@ def test_driver_accepts_the_shared_arguments(shared: list[Obj], shared_chart: li
             assert settings.data_dir == Path(f"{DEFAULTS['root']}/{DEFAULTS['name']}")
     sources = "".join(p.read_text() for p in (ROOT / "csi_driver").rglob("*.py"))
     assert DATASTORE_TOPOLOGY_KEY in sources
+
+
+def test_example_moves_between_nodes() -> None:
+    objs = load_all((EXAMPLES_DIR / "shared-deployment.yaml").read_text())
+    claim = find(objs, "PersistentVolumeClaim")
+    deploy = find(objs, "Deployment")
+    assert claim["spec"]["storageClassName"] in CLASSES
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # One writer at a time: the old pod (and the attachment) goes before the new one comes.
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    volume = deploy["spec"]["template"]["spec"]["volumes"][0]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # scripts/e2e.sh's shared path drives this very example.
+    script = (ROOT / "scripts" / "e2e.sh").read_text()
+    assert "shared-deployment.yaml" in script
+    for name in (claim["metadata"]["name"], deploy["metadata"]["name"]):
+        assert name in script
+
+
+def test_docs_cover_the_deployment() -> None:
+    doc = (ROOT / "docs" / "shared-datastore.md").read_text()
+    assert "```mermaid" in doc
+    assert "## How the driver fences" in doc
+    for term in (SHARED_DRIVER_NAME, DATASTORE_TOPOLOGY_KEY, "overlays/shared-datastore",
+                 "components/shared-datastore-claim", "datastoreName", "datastoreMountRoot",
+                 "node.kubernetes.io/out-of-service", "HostToContainer", "examples/shared-deployment.yaml"):
+        assert term in doc, term
+    # Every chart value of the shared mode is documented.
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    for key in values["sharedDatastore"]:
+        assert f"sharedDatastore.{key}" in doc, key
+    assert "nodeLocal.enabled" in doc
+    for page in (ROOT / "README.md", ROOT / "docs" / "deploy.md"):
+        assert "shared-datastore.md" in page.read_text(), page
