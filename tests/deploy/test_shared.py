@@ -145,6 +145,13 @@ def check_paths(objs: list[Obj], settings: dict[str, str], controller_claim: boo
         assert expand(objs, driver, flag(driver, "--datastore") or "") == name, wname
         assert expand(objs, driver, flag(driver, "--data-dir") or "") == data_dir, wname
         mount, volume = datastore_mount(pod, driver)
+        # Only on nodes the operator labelled as mounting the datastore: not on
+        # the topology label, which node plugins report only once the controller
+        # has made the datastore's marker.
+        if not (controller_claim and kind == "Deployment"):
+            terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert terms["nodeSelectorTerms"] == [{"matchExpressions": [
+                {"key": f"datastore.thinloop.csi.io/{name}", "operator": "In", "values": ["mounted"]}]}], wname
         if controller_claim and kind == "Deployment":
             # The claim is the datastore itself, mounted where the nodes see it.
             assert mount == {"name": "datastore", "mountPath": data_dir}
@@ -157,10 +164,6 @@ def check_paths(objs: list[Obj], settings: dict[str, str], controller_claim: boo
         assert mount["mountPath"] == root and mount["mountPropagation"] == "HostToContainer", wname
         assert volume["hostPath"] == {"path": root, "type": "Directory"}, wname
         assert host_path_of(pod, driver, data_dir) == data_dir, wname
-        if kind == "Deployment":
-            terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-            assert terms["nodeSelectorTerms"] == [{"matchExpressions": [
-                {"key": DATASTORE_TOPOLOGY_KEY, "operator": "In", "values": [name]}]}]
     # The node plugin: kubelet paths, and the socket kubelet is told about.
     ds = find(objs, *NODE)
     pod = ds["spec"]["template"]["spec"]
@@ -253,7 +256,7 @@ def test_csidriver_spec(shared: list[Obj]) -> None:
         "podInfoOnMount": True,
         "fsGroupPolicy": "File",
         "storageCapacity": False,
-        # No inline ephemeral volumes: kubelet never attaches them, so they would not be fenced.
+        # No inline ephemeral volumes: Kubernetes never attaches them, so they would not be fenced.
         "volumeLifecycleModes": ["Persistent"],
     }
 
@@ -462,7 +465,8 @@ def test_docs_cover_the_deployment() -> None:
     assert "## How the driver fences" in doc
     for term in (SHARED_DRIVER_NAME, DATASTORE_TOPOLOGY_KEY, "overlays/shared-datastore",
                  "components/shared-datastore-claim", "datastoreName", "datastoreMountRoot",
-                 "node.kubernetes.io/out-of-service", "HostToContainer", "examples/shared-deployment.yaml"):
+                 "node.kubernetes.io/out-of-service", "HostToContainer", "examples/shared-deployment.yaml",
+                 "datastore.thinloop.csi.io/<datastoreName>=mounted", "RequiresMountsFor"):
         assert term in doc, term
     # Every chart value of the shared mode is documented.
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())

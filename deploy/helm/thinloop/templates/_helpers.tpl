@@ -25,3 +25,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "thinloop.sharedDataDir" -}}
 {{ .Values.sharedDatastore.mountRoot }}/{{ .Values.sharedDatastore.name }}
 {{- end -}}
+
+{{/* The node label (value "mounted") by which the operator says a node mounts the datastore. */}}
+{{- define "thinloop.sharedNodeLabel" -}}
+datastore.thinloop.csi.io/{{ .Values.sharedDatastore.name }}
+{{- end -}}
