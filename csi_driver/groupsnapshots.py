@@ -40,7 +40,7 @@ from . import failpoints
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .grouprecords import GroupEntry, GroupMeta, GroupRecords, Member
 from .snapshots import Snapshots
-from .store import IMAGE, Entry, Meta, check_id, fsync_path
+from .store import IMAGE, Entry, check_id, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ class GroupSnapshots:
             self.records.write(record, meta)
             failpoints.hit("group.after_record")
             for source, m in zip(sources, members, strict=True):
-                snaps.commit(tmps[m.snapshot_id], m.snapshot_id, self._member_meta(group_id, source, m, cut))
+                snaps.commit(tmps[m.snapshot_id], m.snapshot_id,
+                             self.snapshots.meta_for(m.snapshot_id, source, cut, group_id))
                 failpoints.hit("group.after_member")
             failpoints.hit("group.before_commit")
             return self.records.commit(record, group_id)
@@ -190,12 +191,6 @@ class GroupSnapshots:
                 snaps.discard(tmp)
             self.records.discard(record)
             raise
-
-    def _member_meta(self, group_id: str, source: Entry, member: Member, cut: float) -> Meta:
-        return Meta(name=member.snapshot_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
-                    source_kind="volume", source_id=source.id, created=cut, node_id=self.node_id,
-                    parameters={k: v for k, v in source.meta.parameters.items() if k == "access_type"},
-                    group_snapshot_id=group_id)
 
     # -- deleting -------------------------------------------------------------------------
 
@@ -210,22 +205,22 @@ class GroupSnapshots:
         if trash is None:
             return False
         failpoints.hit("group.delete.after_rename")
-        self._remove_members(group_id, entry.meta.members)
+        for m in entry.meta.members:
+            if self._remove_member(group_id, m):
+                failpoints.hit("group.delete.after_member")
         self.records.finish_delete(trash)
         log.info("deleted volume group snapshot %s and its %d member(s)", group_id, len(entry.meta.members))
         return True
 
-    def _remove_members(self, group_id: str, members: list[Member]) -> int:
-        """Remove the members that are in place (and name this group); say how many."""
+    def _remove_member(self, group_id: str, member: Member) -> bool:
+        """Remove the member if it is in place and names this group."""
         snaps = self.snapshots.store.snapshots
-        removed = 0
-        for m in members:
-            found = snaps.get(m.snapshot_id)
-            if found is not None and found.meta.group_snapshot_id == group_id:
-                snaps.delete(m.snapshot_id)
-                removed += 1
-                failpoints.hit("group.delete.after_member")
-        return removed
+        found = snaps.get(member.snapshot_id)
+        return found is not None and found.meta.group_snapshot_id == group_id and snaps.delete(member.snapshot_id)
+
+    def _remove_members(self, group_id: str, members: list[Member]) -> int:
+        """Remove the members that are in place; say how many."""
+        return sum(self._remove_member(group_id, m) for m in members)
 
     # -- start-up -------------------------------------------------------------------------
 

@@ -54,15 +54,20 @@ class Snapshots:
         free = self.store.free_bytes()
         if need > free:
             raise ResourceExhausted(f"snapshot of {source_id} needs {need} bytes; {free} free")
-        meta = Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
-                    source_kind="volume", source_id=source_id, created=time.time(),
-                    node_id=self.volumes.settings.node_id,
-                    parameters={k: v for k, v in source.meta.parameters.items() if k == "access_type"})
+        meta = self.meta_for(snap_id, source, time.time())
         started = time.monotonic()
         entry = self.store.snapshots.create(snap_id, meta, lambda image: self._copy(source, image))
         log.info("snapshot %s of %s: %d bytes allocated, %.2fs", snap_id, source_id,
                  entry.allocated_bytes(), time.monotonic() - started)
         return entry
+
+    def meta_for(self, snap_id: str, source: Entry, created: float, group_snapshot_id: str = "") -> Meta:
+        """The metadata of a snapshot of `source` cut at `created` (Unix time)."""
+        return Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
+                    source_kind="volume", source_id=source.id, created=created,
+                    node_id=self.volumes.settings.node_id,
+                    parameters={k: v for k, v in source.meta.parameters.items() if k == "access_type"},
+                    group_snapshot_id=group_snapshot_id)
 
     def _copy(self, source: Entry, image: Path) -> None:
         self.volumes.copy_consistent(source, image)
