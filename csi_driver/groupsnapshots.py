@@ -166,12 +166,14 @@ class GroupSnapshots:
             for m in members:
                 tmps[m.snapshot_id] = snaps.begin(m.snapshot_id)
             with self.volumes.frozen(sources) as points:
-                cut = time.time()
-                log.info("volume group snapshot %s: froze %s", group_id, ", ".join(points) or "nothing")
+                cut, frozen_at = time.time(), time.monotonic()
                 failpoints.hit("group.after_freeze")
                 for source, m in zip(sources, members, strict=True):
                     self.volumes.os.copy_image(source.image, tmps[m.snapshot_id] / IMAGE)
                     failpoints.hit("group.while_frozen")
+            # Writers to every frozen member waited this long: the copies of all members.
+            log.info("volume group snapshot %s: %s frozen for %.2fs", group_id,
+                     ", ".join(points) or "nothing", time.monotonic() - frozen_at)
             failpoints.hit("group.after_thaw")
             for m in members:
                 fsync_path(tmps[m.snapshot_id] / IMAGE)
