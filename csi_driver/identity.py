@@ -71,6 +71,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
             caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.CONTROLLER_SERVICE)))
         caps.append(PluginCap(service=PluginCap.Service(
             type=PluginCap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)))
+        if self.settings.runs_controller and self.os is not None:
+            # Volume group snapshots need the volumes' files: served in mode all.
+            caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.GROUP_CONTROLLER_SERVICE)))
         if self.os is not None:
             caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.SNAPSHOT_METADATA_SERVICE)))
         caps.append(PluginCap(volume_expansion=PluginCap.VolumeExpansion(

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .grouprecords import GROUPS_DIR, GroupRecords
 from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id
 from .runner import CommandError
 from .store import Store
@@ -229,12 +230,17 @@ def find(store: Store, oslayer: OSLayer, driver_name: str, node_id: str,
         report.orphans.append(Orphan("image", entry.id, f"{what} (name {entry.meta.name})",
                                      not busy, busy, str(entry.path)))
     if cluster.snapshot_handles is not None:
+        groups = GroupRecords(store.data_dir / GROUPS_DIR).membership()
         for entry in store.snapshots.entries():
             # The snapshotter records the handle only after CreateSnapshot returns.
             if entry.id not in cluster.snapshot_handles and now - entry.meta.created >= grace_seconds:
+                # A member of a volume group snapshot goes only with its group.
+                group = groups.group_of(entry.meta)
+                reason = f"part of volume group snapshot {group}: thinloopctl delete-group-snapshot {group}" \
+                    if group else ""
                 report.orphans.append(Orphan("snapshot-image", entry.id,
                                              "no VolumeSnapshotContent refers to this snapshot",
-                                             True, path=str(entry.path)))
+                                             group == "", reason, path=str(entry.path)))
     local = set(store.volumes.ids())
     for pv in ours:
         if pv.phase != "Released":

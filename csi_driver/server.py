@@ -22,6 +22,8 @@ from . import baton
 from .config import Settings
 from .controller import ControllerService
 from .errors import status_of
+from .groupcontroller import GroupControllerService
+from .groupsnapshots import GroupSnapshots
 from .hostos import HostOS, sector_size_for
 from .identity import IdentityService
 from .inflight import InFlight
@@ -44,7 +46,7 @@ Observer = Callable[[str, str, float], None]
 """Called after every RPC with (method, status code name, seconds)."""
 
 _ID_FIELDS = {"volume_id": "volume_id", "name": "req_name", "snapshot_id": "snapshot_id",
-              "source_volume_id": "source_volume_id"}
+              "source_volume_id": "source_volume_id", "group_snapshot_id": "group_snapshot_id"}
 
 
 def _subject(request: Any) -> dict[str, str]:
@@ -140,6 +142,8 @@ class Driver:
     observers: list[Observer] = field(default_factory=list)
     pool: WorkerPool | None = None
     """Handler worker processes, when the Controller and Node calls run in them."""
+    groups: GroupSnapshots | None = None
+    """Volume group snapshots (None in controller-only mode)."""
 
     @classmethod
     def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
@@ -150,13 +154,15 @@ class Driver:
         os_layer = oslayer or HostOS(sector_size=sector_size_for(settings.data_dir))
         store = Store(settings.data_dir)
         volumes = Volumes(settings, store, os_layer)
-        return cls(settings, inflight, os_layer, store, volumes, Snapshots(store, volumes))
+        snapshots = Snapshots(store, volumes)
+        return cls(settings, inflight, os_layer, store, volumes, snapshots, groups=GroupSnapshots(snapshots))
 
     def recover(self) -> list[str]:
         """Finish or remove what interrupted operations left behind; log each action."""
         if self.store is None:
             return []
-        actions = self.store.recover() + self.thaw_frozen()
+        groups = self.groups.recover() if self.groups is not None else []
+        actions = self.store.recover() + groups + self.thaw_frozen()
         for action in actions:
             startlog.info("recovery: %s", action)
         return actions
@@ -187,10 +193,13 @@ class Driver:
         return actions
 
     def services(self) -> dict[str, object]:
-        """The Controller and Node servicers this process (or its workers) run."""
+        """The Controller, GroupController and Node servicers this process (or its workers)
+        run."""
         out: dict[str, object] = {}
         if self.settings.runs_controller:
             out["Controller"] = ControllerService(self.settings, self.volumes, self.snapshots, self.inflight)
+            if self.groups is not None:
+                out["GroupController"] = GroupControllerService(self.groups, self.inflight)
         if self.settings.runs_node and self.volumes is not None:
             out["Node"] = NodeService(self.settings, self.volumes, self.inflight)
         return out
@@ -210,6 +219,7 @@ class Driver:
     def add_services(self, server: grpc.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.settings, self.oslayer), server)
         adders = {"Controller": csi_pb2_grpc.add_ControllerServicer_to_server,
+                  "GroupController": csi_pb2_grpc.add_GroupControllerServicer_to_server,
                   "Node": csi_pb2_grpc.add_NodeServicer_to_server}
         for name, servicer in self.services().items():
             if self.pool is not None:

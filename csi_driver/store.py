@@ -65,6 +65,9 @@ class Meta:
     parameters: dict[str, str] = field(default_factory=dict)
     """Parameters as given, for idempotency checks and operators."""
     node_id: str = ""
+    group_snapshot_id: str = ""
+    """For a snapshot cut as a member of a volume group snapshot: that group's id (the
+    group's record is in group-snapshots/, csi_driver.grouprecords)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -100,12 +103,18 @@ def fsync(fd: int) -> None:
         os.fsync(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, flags: int = 0) -> None:
+    """fsync a file by its path (a copied image, so that it survives a crash); with
+    os.O_DIRECTORY, a directory's entries."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fsync_path(path, os.O_DIRECTORY)
 
 
 def write_atomic(path: Path, data: str) -> None:
@@ -234,22 +243,37 @@ class Collection:
 
     def create(self, obj_id: str, meta: Meta, build: Callable[[Path], None]) -> Entry:
         """Build the object in a temporary directory, then rename it into place."""
-        final = self.path(obj_id)
-        tmp = self.root / f"{TMP_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
-        with baton.blocking():  # a mkdir on a busy host filesystem searches inode bitmaps
-            tmp.mkdir(mode=0o700)
+        tmp = self.begin(obj_id)
         try:
             build(tmp / IMAGE)
             failpoints.hit(f"{self.kind}.create.after_build")
-            write_atomic(tmp / META, meta.to_json())  # also makes tmp's entries durable
-            failpoints.hit(f"{self.kind}.create.before_rename")
-            with baton.blocking():
-                os.rename(tmp, final)
-                _fsync_dir(self.root)
+            return self.commit(tmp, obj_id, meta)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(tmp)
             raise
+
+    def begin(self, obj_id: str) -> Path:
+        """A new temporary directory for the object (not listed; removed by `recover`)."""
+        self.path(obj_id)  # the id is checked before anything is made
+        tmp = self.root / f"{TMP_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
+        with baton.blocking():  # a mkdir on a busy host filesystem searches inode bitmaps
+            tmp.mkdir(mode=0o700)
+        return tmp
+
+    def commit(self, tmp: Path, obj_id: str, meta: Meta) -> Entry:
+        """Write the metadata into a directory made by `begin`, whose image is complete
+        and durable, and rename it into place: from here on it is listed."""
+        final = self.path(obj_id)
+        write_atomic(tmp / META, meta.to_json())  # also makes tmp's entries durable
+        failpoints.hit(f"{self.kind}.create.before_rename")
+        with baton.blocking():
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
         return Entry(obj_id, final, meta)
+
+    def discard(self, tmp: Path) -> None:
+        """Remove a directory made by `begin` that will not be committed."""
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def save_meta(self, entry: Entry, meta: Meta) -> Entry:
         write_atomic(entry.path / META, meta.to_json())

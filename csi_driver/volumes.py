@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from . import baton, failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
-from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
+from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, fsync_path, room_for
 from .validation import VolumeParams
 
 log = logging.getLogger(__name__)
@@ -160,20 +162,42 @@ class Volumes:
         copy is filesystem-consistent; then make the copy durable. (A volume in use as a
         raw block device cannot be frozen: its copy is only as consistent as the writer
         makes it; the README says so.)"""
-        frozen = self.fs_mount_point(self.usage(source))
-        if frozen:
-            self.os.freeze(frozen)
-        try:
+        with self.frozen([source]):
             self.os.copy_image(source.image, dest)
             failpoints.hit("copy.while_frozen")
-        finally:
-            if frozen:
-                self.os.thaw(frozen)
-        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+        fsync_path(dest)
+
+    @contextmanager
+    def frozen(self, entries: Sequence[Entry]) -> Iterator[list[str]]:
+        """Freeze the filesystem of every entry that is mounted on this node, in the order
+        given, and thaw them all (in the reverse order) when the block ends, however it
+        ends. Yields the mount points frozen. A failure to freeze one thaws those already
+        frozen. Callers that freeze several volumes pass them in a stable order (sorted by
+        id), so two calls over overlapping sets cannot wait on each other. Raw block
+        volumes, and volumes not mounted here, are not frozen (FIFREEZE needs a mounted
+        filesystem: Documentation/filesystems/vfs.rst, freeze_fs)."""
+        points: list[str] = []
+        failed = False
         try:
-            fsync(fd)
+            for entry in entries:
+                point = self.fs_mount_point(self.usage(entry))
+                if point and point not in points:
+                    self.os.freeze(point)
+                    points.append(point)
+            yield points
+        except BaseException:
+            failed = True
+            raise
         finally:
-            os.close(fd)
+            first: BaseException | None = None
+            for point in reversed(points):
+                try:
+                    self.os.thaw(point)
+                except Exception as exc:  # thaw the rest whatever one of them did
+                    log.error("cannot thaw %s: %s", point, exc)
+                    first = first or exc
+            if first is not None and not failed:
+                raise first
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
         self.copy_consistent(source, image)

@@ -2,11 +2,14 @@
 # Run csi-sanity (kubernetes-csi/csi-test) against thinloop on a temp data dir, once with
 # mount volumes and once with block volumes. Prints csi-sanity's summary lines; exits
 # non-zero on any failure. Exits 0 with a SKIPPED: line when csi-sanity is not on PATH.
+# CSI_SANITY names another build (e.g. CSI_SANITY=csi-sanity-master); SANITY_ARGS adds
+# csi-sanity flags (e.g. SANITY_ARGS=-ginkgo.focus=GroupController).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v csi-sanity >/dev/null 2>&1; then
-  echo "SKIPPED: csi-sanity is not on PATH (build it from kubernetes-csi/csi-test: cmd/csi-sanity)"
+SANITY=${CSI_SANITY:-csi-sanity}
+if ! command -v "$SANITY" >/dev/null 2>&1; then
+  echo "SKIPPED: $SANITY is not on PATH (build it from kubernetes-csi/csi-test: cmd/csi-sanity)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -54,7 +57,7 @@ for access in mount block; do
   rm -rf "${work:?}/mnt" "${work:?}/staging"
   echo "== csi-sanity ($access volumes)"
   set +e
-  csi-sanity -csi.endpoint "unix://$sock" \
+  "$SANITY" -csi.endpoint "unix://$sock" \
     -csi.mountdir "$work/mnt" -csi.stagingdir "$work/staging" \
     -csi.testvolumeaccesstype "$access" \
     -csi.testvolumesize "$SIZE" -csi.testvolumeexpandsize "$EXPAND" \

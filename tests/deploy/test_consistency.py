@@ -207,6 +207,7 @@ def test_sidecar_flags(base: list[Obj]) -> None:
     assert envs == {"NODE_NAME": "spec.nodeName", "NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
     snap = node["csi-snapshotter"]
     assert flag(snap, "--node-deployment") == "true"
+    assert flag(snap, "--feature-gates") == "CSIVolumeGroupSnapshot=true"  # the gate of v8.6.0
     assert snap["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     assert flag(node["liveness-probe"], "--health-port") == "9808"
     probe = node["thinloop"]["livenessProbe"]["httpGet"]
@@ -268,6 +269,7 @@ def test_images_pinned(base: list[Obj], chart: list[Obj]) -> None:
     assert all(f"/external-snapshotter/{snap_tag}/" in r for r in sc["resources"])
     assert sc["images"] == [{"name": "registry.k8s.io/sig-storage/snapshot-controller", "newTag": snap_tag}]
     assert "--enable-distributed-snapshotting=true" in yaml.safe_dump(sc["patches"])
+    assert "--feature-gates=CSIVolumeGroupSnapshot=true" in yaml.safe_dump(sc["patches"])
     for script in SCRIPTS[:2]:
         assert f'SNAPSHOTTER_VERSION="{snap_tag}"' in script.read_text()
 
@@ -313,7 +315,7 @@ def test_examples_cover_the_issue() -> None:
 
 
 CLUSTER_SCOPED = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass",
-                  "VolumeSnapshotClass", "PersistentVolume"}
+                  "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "PersistentVolume"}
 
 
 def test_namespaces(base: list[Obj], chart: list[Obj]) -> None:
@@ -325,3 +327,22 @@ def test_namespaces(base: list[Obj], chart: list[Obj]) -> None:
                 assert ns is None, f"{obj['kind']} {obj['metadata']['name']} has namespace {ns}"
             else:
                 assert ns == "thinloop", f"{obj['kind']} {obj['metadata']['name']}"
+
+
+def test_group_snapshot_example_selects_both_claims(base: list[Obj]) -> None:
+    """The VolumeGroupSnapshot's selector picks exactly the two claims of one pod, names
+    the deployed class, and the restore fills one claim from each member snapshot."""
+    objs = load_all((EXAMPLES_DIR / "group-snapshot.yaml").read_text())
+    group = find(objs, "VolumeGroupSnapshot")
+    selector = group["spec"]["source"]["selector"]["matchLabels"]
+    claims = [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+    chosen = [c["metadata"]["name"] for c in claims if selector.items() <= c["metadata"]["labels"].items()]
+    assert chosen == ["thinloop-db-data", "thinloop-db-wal"]
+    pod_claims = [v["persistentVolumeClaim"]["claimName"] for v in find(objs, "Pod")["spec"]["volumes"]]
+    assert sorted(pod_claims) == chosen, "one pod uses both: they are made on one node"
+    assert group["spec"]["volumeGroupSnapshotClassName"] == \
+        find(base, "VolumeGroupSnapshotClass")["metadata"]["name"]
+    restored = [o for o in load_all((EXAMPLES_DIR / "group-restore.yaml").read_text())
+                if o["kind"] == "PersistentVolumeClaim"]
+    assert [(r["spec"]["dataSource"]["kind"], r["spec"]["dataSource"]["name"]) for r in restored] == \
+        [("VolumeSnapshot", "${DATA_SNAPSHOT}"), ("VolumeSnapshot", "${WAL_SNAPSHOT}")]

@@ -90,3 +90,15 @@ def test_chart_lints() -> None:
     assert result["errors"] == []
     # Severity 1 is INFO (e.g. "icon is recommended"); nothing worse.
     assert all(m["severity"] <= 1 for m in result["messages"]), result["messages"]
+
+
+def test_group_snapshots_can_be_switched_off() -> None:
+    """On a cluster without the groupsnapshot.storage.k8s.io v1 CRDs the gate must be off
+    (csi-snapshotter would start no controller): no gate, no rules, no class."""
+    on = render_chart()
+    assert "--feature-gates=CSIVolumeGroupSnapshot=true" in containers(find(on, "DaemonSet"))["csi-snapshotter"]["args"]
+    assert find(on, "VolumeGroupSnapshotClass")["driver"] == "thinloop.csi.io"
+    off = render_chart({"groupSnapshots": {"enabled": False}})
+    assert not [a for a in containers(find(off, "DaemonSet"))["csi-snapshotter"]["args"] if "feature-gates" in a]
+    assert not [o for o in off if o["kind"] == "VolumeGroupSnapshotClass"]
+    assert "groupsnapshot.storage.k8s.io" not in yaml.safe_dump(off)

@@ -2,9 +2,9 @@
 
 Core kinds use the strict JSON schemas that kubernetes-validate bundles per
 Kubernetes release (no network). CRD-typed objects (snapshot.storage.k8s.io,
-monitoring.coreos.com) have no core schema and their CRDs are not available
-offline here, so they are checked against small structural schemas below,
-written from the fields the CRDs define.
+groupsnapshot.storage.k8s.io, monitoring.coreos.com) have no core schema and
+their CRDs are not available offline here, so they are checked against small
+structural schemas below, written from the fields the CRDs define.
 """
 
 from __future__ import annotations
@@ -66,18 +66,20 @@ _MONITOR_SPEC = {
     },
 }
 
-CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "driver", "deletionPolicy"],
-        "properties": {
-            "apiVersion": {}, "kind": {}, "metadata": _META,
-            "driver": {"type": "string", "minLength": 1},
-            "deletionPolicy": {"enum": ["Delete", "Retain"]},
-            "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-        "additionalProperties": False,
+_SNAPSHOT_CLASS = {  # VolumeSnapshotClass and VolumeGroupSnapshotClass have the same fields
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "driver", "deletionPolicy"],
+    "properties": {
+        "apiVersion": {}, "kind": {}, "metadata": _META,
+        "driver": {"type": "string", "minLength": 1},
+        "deletionPolicy": {"enum": ["Delete", "Retain"]},
+        "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
     },
+    "additionalProperties": False,
+}
+
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _SNAPSHOT_CLASS,
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -93,6 +95,41 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                         "properties": {
                             "persistentVolumeClaimName": {"type": "string"},
                             "volumeSnapshotContentName": {"type": "string"},
+                        },
+                        "minProperties": 1,
+                        "maxProperties": 1,
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshotClass"): _SNAPSHOT_CLASS,
+    ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {}, "kind": {}, "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["source"],
+                "properties": {
+                    "volumeGroupSnapshotClassName": {"type": "string"},
+                    "source": {
+                        "type": "object",
+                        "properties": {
+                            "selector": {
+                                "type": "object",
+                                "properties": {
+                                    "matchLabels": _LABEL_SELECTOR["properties"]["matchLabels"],
+                                    "matchExpressions": {"type": "array", "items": {"type": "object"}},
+                                },
+                                "minProperties": 1,
+                                "additionalProperties": False,
+                            },
+                            "volumeGroupSnapshotContentName": {"type": "string"},
                         },
                         "minProperties": 1,
                         "maxProperties": 1,
@@ -222,6 +259,10 @@ def test_structural_schemas_reject_mistakes() -> None:
            "metadata": {"name": "x"}, "driver": "thinloop.csi.io", "deletionPolicy": "Keep"}
     with pytest.raises(jsonschema.ValidationError):
         validate(bad)
+    group = {"apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshot",
+             "metadata": {"name": "x"}, "spec": {"source": {"selector": {"matchLabel": {"a": "b"}}}}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(group)
     typo = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "x"},
             "spec": {"selector": {}, "podMetricEndpoints": [{"port": "metrics"}]}}
     with pytest.raises(jsonschema.ValidationError):

@@ -154,3 +154,36 @@ def test_node_trim_gives_deleted_space_back(driver: Driver, run_ctl: Ctl) -> Non
         down(c, p)
         delete(c, vol.volume_id)
         delete(c, block.volume_id)
+
+
+def test_group_snapshot_subcommands(driver: Driver, run_ctl: Ctl) -> None:
+    ep = endpoint(driver)
+    vols = [create(driver.client, f"ctl-g{i}", 64 * MIB).volume_id for i in range(2)]
+    made = run_ctl(ep, "-o", "json", "group-snapshot", "ctl-group", *vols)
+    assert made.code == 0, made.err
+    assert made.json()["group_snapshot_id"] == "ctl-group" and made.json()["ready_to_use"] is True
+    members = sorted(s["snapshot_id"] for s in made.json()["snapshots"])
+    assert members == ["ctl-group-ctl-g0", "ctl-group-ctl-g1"]
+    table = run_ctl(ep, "group-snapshot", "ctl-group", *vols)  # idempotent
+    assert table.code == 0 and table.out.startswith("group snapshot ctl-group: ctl-group-ctl-g0 (ctl-g0)")
+
+    listed = run_ctl(ep, "-o", "json", "group-snapshots").json()
+    assert [(g["id"], g["volumes"], g["snapshots"], g["ready"]) for g in listed] == \
+        [("ctl-group", vols, members, True)]
+    lines = run_ctl(ep, "group-snapshots").out.splitlines()
+    assert lines[0].split() == ["ID", "VOLUMES", "SNAPSHOTS", "CREATED", "READY"]
+    assert lines[1].split()[:3] == ["ctl-group", ",".join(vols), ",".join(members)]
+    assert {s["id"]: s["group"] for s in run_ctl(ep, "-o", "json", "snapshots").json()} == \
+        dict.fromkeys(members, "ctl-group")
+
+    alone = run_ctl(ep, "delete-snapshot", members[0])
+    assert alone.code == 1 and "INVALID_ARGUMENT" in alone.err and "DeleteVolumeGroupSnapshot" in alone.err
+    elsewhere = run_ctl(ep, "group-snapshot", "ctl-other", vols[0], "on-another-node")
+    assert elsewhere.code == 1 and "FAILED_PRECONDITION" in elsewhere.err and "on-another-node" in elsewhere.err
+
+    assert run_ctl(ep, "delete-group-snapshot", "ctl-group").out.strip() == \
+        "deleted group snapshot ctl-group and its snapshots"
+    assert run_ctl(ep, "-o", "json", "group-snapshots").json() == []
+    assert run_ctl(ep, "-o", "json", "snapshots").json() == []
+    for v in vols:
+        delete(driver.client, v)
