@@ -19,16 +19,12 @@ from .config import Settings
 from .hostos import REQUIRED_TOOLS, HostOS, sector_size_for
 from .identity import readiness
 from .nodestatus import filesystem_of
+from .preflight import TOOL_PACKAGES as PACKAGES
 from .runner import CommandError, Runner
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 CAP_SYS_RESOURCE = 24
 MIN_FREE_FRACTION = 0.10
-PACKAGES = {"losetup": "util-linux", "blkid": "util-linux", "mount": "util-linux",
-            "umount": "util-linux", "fsfreeze": "util-linux", "fstrim": "util-linux",
-            "mkfs.ext4": "e2fsprogs", "mkfs.ext3": "e2fsprogs", "resize2fs": "e2fsprogs",
-            "e2fsck": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
-            "cp": "coreutils"}
 VERSION_ARGV = {"util-linux": ["losetup", "--version"], "e2fsprogs": ["mkfs.ext4", "-V"],
                 "xfsprogs": ["mkfs.xfs", "-V"], "coreutils": ["cp", "--version"]}
 DATA_FS_NOTES = {

@@ -54,8 +54,12 @@ def test_probe_is_ready_for_the_livenessprobe_sidecar(driver: Driver) -> None:
 
 def test_not_ready_reason_is_logged_exported_and_shown(workdir: Path, run_ctl: Ctl,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    hidden = path_without(workdir, "mkfs.xfs")
-    d = Driver(workdir, extra_args=["--metrics-address", "127.0.0.1:0"], env={"PATH": hidden}).start()
+    # A tool missing at start stops the driver there (tests/reliability/test_startup_errors.py);
+    # one that goes missing later makes Probe answer not ready.
+    tools = path_without(workdir, "")
+    d = Driver(workdir, extra_args=["--metrics-address", "127.0.0.1:0"], env={"PATH": tools}).start()
+    (Path(tools) / "mkfs.xfs").unlink()
+    hidden = tools
     try:
         port = wait_for_metrics_port(d)
         assert d.client.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
