@@ -215,6 +215,9 @@ def confine(path: str, root: Path, what: str) -> str:
         raise InvalidArgument(f"{what} is too long")
     real = os.path.realpath(path)
     real_root = _real_root(str(root))
-    if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+    if real == real_root:
+        raise InvalidArgument(f"{what} {path[:200]!r} is the kubelet directory {root} itself; it must "
+                              "be a path below it")
+    if os.path.commonpath([real, real_root]) != real_root:
         raise InvalidArgument(f"{what} {path[:200]!r} is outside the kubelet directory {root}")
     return real

@@ -262,3 +262,21 @@ def test_names_volume_matches_only_that_volume() -> None:
     assert not names_volume("/d/volumes/v1.deadbeef/disk.img", "v1")  # another volume with a dotted id
     assert not names_volume("/d/volumes/v10/disk.img", "v1")
     assert not names_volume("/d/snapshots/v1/disk.img", "v1")
+
+
+def test_controller_expand_grows_an_unstaged_image_and_leaves_a_staged_one_to_the_node(rig: Rig) -> None:
+    rig.create("idle", 64 * MIB)
+    resp = rig.ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="idle", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MIB)), CTX)
+    assert resp.capacity_bytes == 128 * MIB and not resp.node_expansion_required
+    entry = rig.driver.store.volumes.get("idle")  # type: ignore[union-attr]
+    assert entry is not None and entry.size_bytes() == 128 * MIB
+    assert entry.meta.needs_fs_grow, "the filesystem grows at the next stage"
+
+    rig.create("busy", 64 * MIB)
+    rig.stage("busy")
+    resp = rig.ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="busy", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MIB)), CTX)
+    assert resp.node_expansion_required and resp.capacity_bytes == 128 * MIB
+    busy = rig.driver.store.volumes.get("busy")  # type: ignore[union-attr]
+    assert busy is not None and busy.size_bytes() == 64 * MIB, "a staged image is the node's to grow"
