@@ -280,3 +280,10 @@ def test_controller_expand_grows_an_unstaged_image_and_leaves_a_staged_one_to_th
     assert resp.node_expansion_required and resp.capacity_bytes == 128 * MIB
     busy = rig.driver.store.volumes.get("busy")  # type: ignore[union-attr]
     assert busy is not None and busy.size_bytes() == 64 * MIB, "a staged image is the node's to grow"
+
+
+def test_staging_with_another_filesystem_is_refused_in_plain_words(rig: Rig) -> None:
+    rig.create("v1", fs="ext4")
+    with pytest.raises(FailedPrecondition) as err:
+        rig.stage("v1", fs="xfs")
+    assert "holds an existing filesystem of type ext4, not the xfs requested" in err.value.message
