@@ -90,3 +90,17 @@ def test_chart_lints() -> None:
     assert result["errors"] == []
     # Severity 1 is INFO (e.g. "icon is recommended"); nothing worse.
     assert all(m["severity"] <= 1 for m in result["messages"]), result["messages"]
+
+
+def test_a_default_storage_class_can_be_chosen() -> None:
+    objs = render_chart({"defaultStorageClass": "thinloop-xfs"})
+    marked = {o["metadata"]["name"]: o["metadata"].get("annotations", {}) for o in objs if o["kind"] == "StorageClass"}
+    assert marked["thinloop-xfs"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert [n for n, a in marked.items() if a] == ["thinloop-xfs"]
+    plain = render_chart()
+    assert not [o for o in plain if o["kind"] == "StorageClass" and o["metadata"].get("annotations")]
+
+
+def test_a_default_storage_class_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(Exception, match="defaultStorageClass \"nope\" names none of storageClasses"):
+        render_chart({"defaultStorageClass": "nope"})
