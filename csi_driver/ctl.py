@@ -231,11 +231,13 @@ def check_endpoint(endpoint: str, source: str) -> str:
     return path
 
 
-def _volume(s: Session, volume_id: str) -> csi_pb2.Volume | None:
+def _volume(s: Session, volume_id: str, expected: bool = True) -> csi_pb2.Volume | None:
     """The volume as the driver reports it, None when it has no such volume. Raises
-    Failure when the driver cannot tell (no ControllerGetVolume and no ListVolumes)."""
+    Failure when the driver cannot tell (no ControllerGetVolume and no ListVolumes).
+    `expected=False` looks by listing: a driver logs a NOT_FOUND answer as a failed call,
+    and a create's look for its name is not one."""
     caps = s.controller_caps()
-    if ControllerRPC.GET_VOLUME in caps:
+    if ControllerRPC.GET_VOLUME in caps and expected:
         try:
             resp = s.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume_id))
             return resp.volume  # type: ignore[no-any-return]
@@ -331,7 +333,7 @@ def cmd_create(s: Session, a: argparse.Namespace) -> Outcome:
         req.volume_content_source.snapshot.snapshot_id = a.from_snapshot
     if a.from_volume:
         req.volume_content_source.volume.volume_id = a.from_volume
-    existed = _exists_quietly(lambda: _volume(s, a.name))
+    existed = _exists_quietly(lambda: _volume(s, a.name, expected=False))
     vol = s.controller.CreateVolume(req).volume
     doc = {**plain(vol), "created": not (existed and vol.volume_id == a.name)}
     kind = vol.volume_context.get("fsType", "block")
