@@ -8,6 +8,7 @@ clean everything up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -23,6 +24,12 @@ from .sweep import mounts_under, sweep
 
 DEFAULT_DEMO_DIR = "/var/tmp/thinloop-demo"
 GIB = 1 << 30
+
+
+def note(text: str, err: bool = False) -> None:
+    """A line for whoever reads; a reader that went away must not stop the clean-up."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def say(step: str) -> None:
@@ -85,9 +92,9 @@ class Demo:
             self.client.close()
             self.client = None
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            print(f"driver exited with {self.proc.wait(timeout=60)}")
-            self.proc = None
+            proc, self.proc = self.proc, None
+            proc.send_signal(signal.SIGTERM)
+            note(f"driver exited with {proc.wait(timeout=60)}")
 
     def run(self) -> None:
         print("Each $ line is a command you can paste into another shell while the demo runs "
@@ -145,15 +152,18 @@ class Demo:
         self.ctl("list")
 
     def teardown(self) -> None:
-        """Whatever happened above, leave no mount, loop device or file behind."""
-        self.stop_driver()
-        left = sweep(self.root)
-        if left:
-            print(f"teardown: removed what the demo left: {', '.join(left)}")
-        if mounts_under(self.root):
-            print(f"teardown: {self.root} still has mounts; left in place", file=sys.stderr)
-            return
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Whatever happened above (a failure, Ctrl-C, a reader that closed our output),
+        leave no mount, loop device or file behind."""
+        try:
+            self.stop_driver()
+        finally:
+            left = sweep(self.root)
+            if left:
+                note(f"teardown: removed what the demo left: {', '.join(left)}")
+            if mounts_under(self.root):
+                note(f"teardown: {self.root} still has mounts; left in place", err=True)
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,10 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(root)
     started = time.monotonic()
     try:
-        demo.run()
-    finally:
-        demo.teardown()
-    print(f"\ndemo finished in {time.monotonic() - started:.1f}s; nothing left behind in {root}")
+        try:
+            demo.run()
+        finally:
+            demo.teardown()
+    except BrokenPipeError:
+        note("thinloop-demo: its output was closed; stopped and cleaned up", err=True)
+        return 1
+    except KeyboardInterrupt:
+        note("thinloop-demo: interrupted; stopped and cleaned up", err=True)
+        return 130
+    note(f"\ndemo finished in {time.monotonic() - started:.1f}s; nothing left behind in {root}")
     return 0
 
 

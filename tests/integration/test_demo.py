@@ -34,3 +34,22 @@ def test_demo_runs_and_cleans_up(workdir: Path) -> None:
     assert any(a[0].endswith("thinloop-csi") or a[1:3] == ["-m", "csi_driver"] for a in commands)
     assert not root.exists()
     assert kernel.loops_under(workdir) == [] and kernel.mounts_under(workdir) == []
+
+
+def test_demo_cleans_up_when_its_reader_goes_away(workdir: Path) -> None:
+    """`scripts/demo.sh | head`: the demo's output closes under it; it must still stop its
+    driver and leave no loop device, mount or file."""
+    root = workdir / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "csi_driver.demo", "--data-dir", str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if line.startswith("==> NodeStageVolume"):
+            break
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) != 0
+    assert "Traceback" not in err, err
+    assert not root.exists()
+    assert kernel.loops_under(workdir) == [] and kernel.mounts_under(workdir) == []
