@@ -25,7 +25,7 @@ from .errors import (
 from .inflight import InFlight
 from .proto import csi_pb2, csi_pb2_grpc
 from .snapshots import Snapshots
-from .store import Entry, check_id
+from .store import Entry, check_id, grow_image
 from .validation import (
     DISKFORMATS,
     RECLAIM_MODES,
@@ -330,14 +330,28 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             size = size_from_range(request.capacity_range, "")
             return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
                                                           node_expansion_required=True)
-        entry = self.volumes.get(volume_id)
-        current = entry.size_bytes()
-        size = size_from_range(request.capacity_range, entry.meta.fs_type, current=current)
-        if size < current:
-            raise OutOfRange(f"volume {volume_id} is {current} bytes; shrinking to {size} is not supported")
-        if size > current:
-            self.volumes.check_room(size - current, f"growing volume {volume_id}")
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+        with self.inflight.hold(f"vol:{volume_id}"):
+            entry = self.volumes.get(volume_id)
+            current = entry.size_bytes()
+            size = size_from_range(request.capacity_range, entry.meta.fs_type, current=current)
+            if size < current:
+                raise OutOfRange(f"volume {volume_id} is {current} bytes; shrinking to {size} is not supported")
+            if size > current:
+                self.volumes.check_room(size - current, f"growing volume {volume_id}")
+            if self.volumes.usage(entry).in_use:
+                # Attached or mounted here: NodeExpandVolume grows image, loop device and
+                # filesystem together, online.
+                return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+            if size > current:
+                # In use nowhere: grow the image now. Its filesystem grows at the next stage
+                # (ext unmounted, before the mount; xfs just after), so no node call is needed.
+                # Marked first: a crash before the growth leaves a harmless no-op grow.
+                if entry.meta.fs_type:
+                    entry = self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+                grow_image(entry.image, size, entry.meta.diskformat)
+                log.info("expanded unstaged volume %s to %d bytes; its filesystem grows at the next stage",
+                         volume_id, size)
+            return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=False)
 
     def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
                                context: grpc.ServicerContext

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from . import baton, failpoints
+from . import baton, caps, failpoints
 from .config import TOPOLOGY_KEY, Settings
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
@@ -431,12 +431,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except CommandError as exc:
             if "Permission denied" not in exc.stderr:
                 raise
-            # ext4's online resize ioctl needs CAP_SYS_RESOURCE. Grow at the next stage.
+            # The kernel checks a capability to grow a mounted filesystem (caps.py). Grow at
+            # the next stage instead, where ext3/ext4 grow unmounted.
             self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+            cap = caps.needed_to_grow(fs)
+            why = caps.why_lacking(cap) or (f"the process has {caps.NAMES[cap]}, so the kernel's refusal "
+                                            "has another cause: see the driver's log")
             raise FailedPrecondition(
-                f"the kernel refused to grow {fs} online ({exc.stderr.splitlines()[-1]}); the driver "
-                "needs CAP_SYS_RESOURCE (run it privileged). The image is already larger: the "
-                "filesystem grows at the next stage") from None
+                f"the kernel refused to grow {fs} online ({exc.stderr.splitlines()[-1]}): {why}. The image "
+                "is already larger: the filesystem grows at the next stage") from None
 
     # -- info -----------------------------------------------------------------------------
 

@@ -7,8 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +27,7 @@ from .identity import IdentityService
 from .inflight import InFlight
 from .node import NodeService
 from .oslayer import OSLayer, file_id
+from .preflight import StartupError, inspect_endpoint
 from .proto import csi_pb2_grpc
 from .runner import CommandError
 from .snapmeta import SnapshotMetadataService
@@ -237,36 +236,13 @@ class Driver:
         return server
 
 
-class StartupError(RuntimeError):
-    """The driver cannot start; the message is one line for the operator."""
-
-
 def prepare_socket(path: str) -> None:
-    """Refuse symlinks, non-sockets and sockets owned by someone else; remove a stale
-    socket of ours; refuse to take over one that another process still serves."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, mode=0o750, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise StartupError(f"endpoint {path} is a symlink; refusing to use it")
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"endpoint {path} exists and is not a socket; refusing to replace it")
-    if st.st_uid != os.geteuid():
-        raise StartupError(f"endpoint {path} belongs to uid {st.st_uid}, not to this process")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
+    """Make the socket's directory; refuse what preflight.inspect_endpoint refuses (checked
+    again here: the socket may have changed since start-up began); remove a stale socket."""
+    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    if inspect_endpoint(path):
         os.unlink(path)  # nobody listens: stale
         startlog.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise StartupError(f"another process is serving {path}")
 
 
 def serve(settings: Settings, driver: Driver | None = None,

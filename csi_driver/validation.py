@@ -26,6 +26,9 @@ DEFAULT_FS = "ext4"
 DISKFORMATS = ("thin", "zeroedthick", "eagerzeroedthick")
 RECLAIM_MODES = ("discard", "none")
 K8S_PREFIX = "csi.storage.k8s.io/"
+STORAGECLASS_PARAMETERS = ("fsType", "diskformat", "reclaim")
+"""What CreateVolume's parameters may hold besides csi.storage.k8s.io/* keys, of which
+csi.storage.k8s.io/fstype is read as fsType (README: StorageClass parameters)."""
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
@@ -112,12 +115,11 @@ def capability_fs(caps: Iterable[csi_pb2.VolumeCapability]) -> str:
 def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeCapability]) -> VolumeParams:
     caps = list(caps)
     kinds = check_capabilities(caps)
-    known = {"fsType", "diskformat", "reclaim"}
-    unknown = sorted(k for k in parameters if k not in known and not k.startswith(K8S_PREFIX))
+    unknown = sorted(k for k in parameters if k not in STORAGECLASS_PARAMETERS and not k.startswith(K8S_PREFIX))
     if unknown:
         raise InvalidArgument(
             f"unknown parameter(s) {', '.join(repr(k) for k in unknown)}; "
-            "accepted: fsType, diskformat, reclaim and csi.storage.k8s.io/* keys")
+            f"accepted: {', '.join(STORAGECLASS_PARAMETERS)} and {K8S_PREFIX}* keys")
     p_fs = {parameters.get("fsType", ""), parameters.get(K8S_PREFIX + "fstype", "")} - {""}
     cap_fs = capability_fs(caps)
     wanted = p_fs | ({cap_fs} - {""})
@@ -215,6 +217,9 @@ def confine(path: str, root: Path, what: str) -> str:
         raise InvalidArgument(f"{what} is too long")
     real = os.path.realpath(path)
     real_root = _real_root(str(root))
-    if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+    if real == real_root:
+        raise InvalidArgument(f"{what} {path[:200]!r} is the kubelet directory {root} itself; it must "
+                              "be a path below it")
+    if os.path.commonpath([real, real_root]) != real_root:
         raise InvalidArgument(f"{what} {path[:200]!r} is outside the kubelet directory {root}")
     return real

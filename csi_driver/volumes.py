@@ -251,7 +251,7 @@ class Volumes:
             return fs
         if requested and found != requested:
             raise FailedPrecondition(
-                f"volume {entry.id} holds a {found} filesystem, not the {requested} requested; "
+                f"volume {entry.id} holds an existing filesystem of type {found}, not the {requested} requested; "
                 "it will not be reformatted")
         return found
 

@@ -3,11 +3,11 @@
 plain commands (the floor), both in alternation, the data path with fio, and the driver at
 1,000 volumes.
 
-    bench.py lifecycle --endpoint unix:///run/csi.sock --kubelet-dir /var/lib/kubelet
-    bench.py raw --count 20 --concurrency 1,8
-    bench.py compare --count 20 --rounds 3 --concurrency 1,2,4,8,16 --plot docs/img
-    bench.py fio --runtime 10
-    bench.py scale --volumes 1000
+    .venv/bin/python scripts/bench.py lifecycle --endpoint unix:///run/csi.sock --kubelet-dir /var/lib/kubelet
+    .venv/bin/python scripts/bench.py raw --count 20 --concurrency 1,8
+    .venv/bin/python scripts/bench.py compare --count 20 --rounds 3 --concurrency 1,2,4,8,16 --plot docs/img
+    .venv/bin/python scripts/bench.py fio --runtime 10
+    .venv/bin/python scripts/bench.py scale --volumes 1000
 
 Every mode takes --json FILE. Needs root, loop devices, mkfs and mount. Every run removes the
 loop devices and mounts it made, also on failure and on Ctrl-C.

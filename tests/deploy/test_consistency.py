@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -346,3 +347,25 @@ def test_group_snapshot_example_selects_both_claims(base: list[Obj]) -> None:
                 if o["kind"] == "PersistentVolumeClaim"]
     assert [(r["spec"]["dataSource"]["kind"], r["spec"]["dataSource"]["name"]) for r in restored] == \
         [("VolumeSnapshot", "${DATA_SNAPSHOT}"), ("VolumeSnapshot", "${WAL_SNAPSHOT}")]
+
+
+def test_data_dir_mount_needs_no_shared_root(base: list[Obj], chart: list[Obj]) -> None:
+    """A container mount with propagation other than None fails to start on a host whose
+    / is a private mount (no systemd); the data dir holds no mount the host needs."""
+    for _, objs in all_renderings(base, chart):
+        ds = find(objs, "DaemonSet", "thinloop-node")
+        mount = next(m for m in containers(ds)["thinloop"]["volumeMounts"] if m["name"] == "data-dir")
+        assert "mountPropagation" not in mount
+
+
+def test_default_storage_class_component(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(KUSTOMIZE_DIR, overlay)],  # kustomize takes relative paths only
+        "components": [os.path.relpath(KUSTOMIZE_DIR / "components" / "default-storageclass", overlay)]}))
+    objs = kustomize(overlay)
+    marked = {o["metadata"]["name"]: o["metadata"].get("annotations", {}) for o in objs if o["kind"] == "StorageClass"}
+    assert marked["thinloop"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert [n for n, a in marked.items() if a] == ["thinloop"]

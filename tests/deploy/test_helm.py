@@ -102,3 +102,17 @@ def test_group_snapshots_can_be_switched_off() -> None:
     assert not [a for a in containers(find(off, "DaemonSet"))["csi-snapshotter"]["args"] if "feature-gates" in a]
     assert not [o for o in off if o["kind"] == "VolumeGroupSnapshotClass"]
     assert "groupsnapshot.storage.k8s.io" not in yaml.safe_dump(off)
+
+
+def test_a_default_storage_class_can_be_chosen() -> None:
+    objs = render_chart({"defaultStorageClass": "thinloop-xfs"})
+    marked = {o["metadata"]["name"]: o["metadata"].get("annotations", {}) for o in objs if o["kind"] == "StorageClass"}
+    assert marked["thinloop-xfs"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert [n for n, a in marked.items() if a] == ["thinloop-xfs"]
+    plain = render_chart()
+    assert not [o for o in plain if o["kind"] == "StorageClass" and o["metadata"].get("annotations")]
+
+
+def test_a_default_storage_class_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(Exception, match="defaultStorageClass \"nope\" names none of storageClasses"):
+        render_chart({"defaultStorageClass": "nope"})

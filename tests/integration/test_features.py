@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 
+from csi_driver import caps
 from csi_driver.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
 from tests.conftest import Driver
@@ -179,6 +180,24 @@ def test_online_expansion(driver: Driver, fs: str) -> None:
     shrink = csi_pb2.CapacityRange(required_bytes=SIZES[fs])
     assert code_of(c.controller.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
         volume_id=vol.volume_id, capacity_range=shrink)) == grpc.StatusCode.OUT_OF_RANGE
+    down(c, p)
+    delete(c, vol.volume_id)
+
+
+@pytest.mark.skipif(not caps.why_lacking(caps.CAP_SYS_RESOURCE),
+                    reason="this host grants CAP_SYS_RESOURCE: ext4 grows online, nothing is refused")
+def test_ext4_online_growth_refusal_says_which_capability_is_missing_and_what_grants_it(driver: Driver) -> None:
+    c = driver.client
+    vol = create(c, "grow-refused", 64 * MIB)
+    p = up(c, vol.volume_id, str(driver.kubelet_dir), "ext4")
+    rng = csi_pb2.CapacityRange(required_bytes=128 * MIB)
+    with pytest.raises(grpc.RpcError) as err:
+        c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=p.target, staging_target_path=p.staging, capacity_range=rng))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    detail = err.value.details() or ""
+    assert caps.why_lacking(caps.CAP_SYS_RESOURCE) in detail, detail
+    assert "run it privileged)" not in detail and "grows at the next stage" in detail
     down(c, p)
     delete(c, vol.volume_id)
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 def sanity(binary: str = "csi-sanity", args: str = "") -> list[str]:
     """Run scripts/sanity.sh; return its summary lines (mount run, then block run)."""
-    env = {**os.environ, "CSI_SANITY": binary, "SANITY_ARGS": args}
+    env = {**os.environ, "CSI_SANITY": binary, "SANITY_ARGS": args, "PYTHON": sys.executable}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "sanity.sh")], capture_output=True, text=True,
                          timeout=1200, check=False, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
