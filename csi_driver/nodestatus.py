@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .datalock import LOCK_FILE, DataDirLock
 from .oslayer import MountEntry, OSLayer
 from .store import Collection, Entry, Store
 from .volumes import Usage, device_mounts
@@ -88,9 +89,12 @@ class NodeStatus:
     volumes: list[ObjectStatus]
     snapshots: list[ObjectStatus]
     totals: Totals
+    driver: str | None = None
+    """The driver holding the data dir's lock ("pid <n> host <h> since <t>"), None when
+    no driver runs on it (csi_driver.datalock)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data_dir": self.data_dir, "data_fs_type": self.data_fs_type,
+        return {"data_dir": self.data_dir, "data_fs_type": self.data_fs_type, "driver": self.driver,
                 "volumes": [v.to_dict() for v in self.volumes],
                 "snapshots": [s.to_dict() for s in self.snapshots],
                 "totals": self.totals.to_dict()}
@@ -189,4 +193,5 @@ def collect(store: Store, oslayer: OSLayer) -> NodeStatus:
         data_fs_type=data_fs.fstype if data_fs is not None else "unknown",
         volumes=[object_status(e, oslayer, mounts) for e in store.volumes.entries()],
         snapshots=[object_status(e, oslayer, mounts) for e in store.snapshots.entries()],
-        totals=store_totals(store))
+        totals=store_totals(store),
+        driver=DataDirLock(store.data_dir / LOCK_FILE).holder())

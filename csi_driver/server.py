@@ -21,6 +21,7 @@ import grpc
 from . import baton
 from .config import Settings
 from .controller import ControllerService
+from .datalock import LOCK_FILE, DataDirLock, DataDirLocked
 from .errors import status_of
 from .hostos import HostOS, sector_size_for
 from .identity import IdentityService
@@ -259,20 +260,50 @@ def prepare_socket(path: str) -> None:
     raise StartupError(f"another process is serving {path}")
 
 
+LOCK_GRACE_SECONDS = 2.0
+
+
+def lock_data_dir(settings: Settings) -> DataDirLock | None:
+    """Take the data dir's driver lock (csi_driver.datalock) before anything reads or
+    changes the data dir; None in controller-only mode, which touches no files.
+    A second driver on the same data dir gets StartupError naming the holder."""
+    if not settings.touches_files:
+        return None
+    lock = DataDirLock(settings.data_dir / LOCK_FILE)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A driver restarted right after a crash may find the old one's forked workers
+        # a moment from their end (PR_SET_PDEATHSIG): give them that moment.
+        lock.acquire(wait=LOCK_GRACE_SECONDS)
+    except DataDirLocked as exc:
+        raise StartupError(
+            f"data dir {settings.data_dir} is in use by another thinloop driver ({exc.holder}); "
+            "stop that one first, or give this one its own --data-dir") from None
+    except OSError as exc:
+        raise StartupError(f"cannot lock data dir {settings.data_dir}: {exc.strerror or exc}") from None
+    return lock
+
+
 def serve(settings: Settings, driver: Driver | None = None,
           ready: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit code."""
+    """Run until SIGTERM/SIGINT; return the process exit code. The data dir lock is held
+    from before recovery until the handler workers have exited."""
     path = str(settings.socket_path)
-    prepare_socket(path)
-    driver = driver or Driver.build(settings)
-    recovered = driver.recover()
-    if settings.workers and driver.volumes is not None and driver.pool is None:
-        driver.start_workers(settings.workers)  # before any thread starts: it forks
+    prepare_socket(path)  # refuses an unsafe endpoint before even the data dir is made
+    lock = lock_data_dir(settings)
     try:
-        return _serve(settings, driver, recovered, ready)
+        driver = driver or Driver.build(settings)
+        recovered = driver.recover()
+        if settings.workers and driver.volumes is not None and driver.pool is None:
+            driver.start_workers(settings.workers)  # before any thread starts: it forks
+        try:
+            return _serve(settings, driver, recovered, ready)
+        finally:
+            if driver.pool is not None:
+                driver.pool.close()
     finally:
-        if driver.pool is not None:
-            driver.pool.close()
+        if lock is not None:
+            lock.release()
 
 
 def _serve(settings: Settings, driver: Driver, recovered: list[str],
