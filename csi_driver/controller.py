@@ -123,12 +123,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                      ) -> csi_pb2.CreateVolumeResponse:
         require(request.name, "name")
         volume_id = check_id(request.name, "name")
-        params = resolve_params(request.parameters, request.volume_capabilities)
-        if request.mutable_parameters:
-            # A VolumeAttributesClass named by the claim: its values win over the class's.
-            mutable = self._check_mutable(request.mutable_parameters)
-            params = replace(params, diskformat=mutable.get("diskformat", params.diskformat),
-                             reclaim=mutable.get("reclaim", params.reclaim))
+        # A VolumeAttributesClass named by the claim: its values win over the class's.
+        mutable = self._check_mutable(request.mutable_parameters) if request.mutable_parameters else {}
+        params = resolve_params({**request.parameters, **mutable}, request.volume_capabilities)
         size = size_from_range(request.capacity_range if request.HasField("capacity_range") else None,
                                params.fs_type)
         self._check_topology(request)

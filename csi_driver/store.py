@@ -52,7 +52,10 @@ class Meta:
     fs_type: str = ""
     """ext3, ext4, xfs, or empty for a raw block volume"""
     diskformat: str = "thin"
+    """thin, zeroedthick or eagerzeroedthick"""
     reclaim: str = "discard"
+    """discard or none. A thick volume's is always none (set so here, whatever was
+    written: volumes made before that rule had discard by default)."""
     requested_bytes: int = 0
     created: float = 0.0
     """Unix time the object was completed."""
@@ -65,6 +68,10 @@ class Meta:
     parameters: dict[str, str] = field(default_factory=dict)
     """Parameters as given, for idempotency checks and operators."""
     node_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.diskformat != "thin" and self.reclaim == "discard":
+            self.reclaim = "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)

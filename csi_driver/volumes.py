@@ -16,7 +16,7 @@ from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
-from .validation import VolumeParams
+from .validation import VolumeParams, check_reclaim
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ class Volumes:
                 create_image(image, size, params.diskformat)
                 failpoints.hit("create.after_image")
                 if params.fs_type:
-                    self.os.mkfs(str(image), params.fs_type, discard=params.diskformat == "thin")
+                    thin = params.diskformat == "thin"
+                    self.os.mkfs(str(image), params.fs_type, discard=thin, prezeroed=not thin)
 
         if source is not None:
             src_size = source[1].size_bytes()
@@ -155,16 +156,19 @@ class Volumes:
                  params.fs_type or "block", params.diskformat)
         return entry
 
-    def copy_consistent(self, source: Entry, dest: Path) -> None:
+    def copy_consistent(self, source: Entry, dest: Path, diskformat: str = "thin") -> None:
         """Copy the source's image with its filesystem frozen when it is mounted, so the
         copy is filesystem-consistent; then make the copy durable. (A volume in use as a
         raw block device cannot be frozen: its copy is only as consistent as the writer
-        makes it; the README says so.)"""
+        makes it; the README says so.) The copy is made for `diskformat`: thin keeps
+        holes and shares blocks (reflink) where it can; a thick copy gets blocks of its
+        own, and an eagerzeroedthick one has every byte written."""
         frozen = self.fs_mount_point(self.usage(source))
         if frozen:
             self.os.freeze(frozen)
         try:
-            self.os.copy_image(source.image, dest)
+            self.os.copy_image(source.image, dest, sparse=diskformat != "eagerzeroedthick",
+                               shared=diskformat == "thin")
             failpoints.hit("copy.while_frozen")
         finally:
             if frozen:
@@ -176,7 +180,7 @@ class Volumes:
             os.close(fd)
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
-        self.copy_consistent(source, image)
+        self.copy_consistent(source, image, params.diskformat)
         failpoints.hit("restore.after_copy")
         fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -194,12 +198,16 @@ class Volumes:
     # -- node-side helpers --------------------------------------------------------------
 
     def attach(self, entry: Entry, *, readonly: bool) -> tuple[LoopDevice, bool]:
-        """The loop device of this image, attaching one if there is none.
+        """The loop device of this image, attaching one if there is none. A thick
+        volume's device refuses discards (OSLayer.disable_discard), whoever attached it.
         Returns (device, newly_attached)."""
+        thin = entry.meta.diskformat == "thin"
         loop = self.os.find_loop(entry.image)
         if loop is not None:
+            if not thin:
+                self.os.disable_discard(loop.device)
             return loop, False
-        return self.os.attach_loop(entry.image, readonly=readonly), True
+        return self.os.attach_loop(entry.image, readonly=readonly, discard=thin), True
 
     def ensure_filesystem(self, entry: Entry, loop: LoopDevice, requested: str) -> str:
         """The filesystem on the device. Makes one only when blkid finds none and the
@@ -285,16 +293,22 @@ class Volumes:
 
     def modify(self, entry: Entry, changes: dict[str, str]) -> Entry:
         """Apply mutable parameters to a live volume: thin -> zeroedthick preallocates the
-        image; reclaim switches online discard on or off (remounting if mounted)."""
+        image (and the volume's reclaim becomes none, its device stops discarding);
+        reclaim switches online discard on or off (remounting if mounted). Every change is
+        checked before any is made: a refused call changes nothing."""
         meta = entry.meta
         target = changes.get("diskformat", meta.diskformat)
+        if target != meta.diskformat and (meta.diskformat, target) != ("thin", "zeroedthick"):
+            raise InvalidArgument(
+                f"diskformat can change from thin to zeroedthick on a live volume, "
+                f"not from {meta.diskformat} to {target}")
+        # A thick volume's reclaim is none unless discard is asked for, which is refused.
+        reclaim = check_reclaim(target, changes.get("reclaim", meta.reclaim if target == "thin" else None))
+        st = os.stat(entry.image)
         if target != meta.diskformat:
-            if (meta.diskformat, target) != ("thin", "zeroedthick"):
-                raise InvalidArgument(
-                    f"diskformat can change from thin to zeroedthick on a live volume, "
-                    f"not from {meta.diskformat} to {target}")
-            st = os.stat(entry.image)
             self.check_room(max(0, st.st_size - st.st_blocks * 512), f"preallocating {entry.id}")
+        usage = self.usage(entry)
+        if target != meta.diskformat:
             fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 with room_for(f"to preallocate {entry.id}"):
@@ -303,11 +317,10 @@ class Volumes:
                     fsync(fd)
             finally:
                 os.close(fd)
-            meta = replace(meta, diskformat=target)
-        reclaim = changes.get("reclaim", meta.reclaim)
+            if usage.loop is not None:
+                self.os.disable_discard(usage.loop.device)
         if reclaim != meta.reclaim:
-            mount_point = self.fs_mount_point(self.usage(entry))
+            mount_point = self.fs_mount_point(usage)
             if mount_point:
                 self.os.remount(mount_point, ["discard" if reclaim == "discard" else "nodiscard"])
-            meta = replace(meta, reclaim=reclaim)
-        return self.store.volumes.save_meta(entry, meta)
+        return self.store.volumes.save_meta(entry, replace(meta, diskformat=target, reclaim=reclaim))

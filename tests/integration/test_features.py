@@ -14,11 +14,10 @@ import pytest
 from csi_driver.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
 from tests.conftest import Driver
-from tests.helpers import GIB, MIB, cap_for, code_of, create, delete, down, read_sum, tree, up, write_data
+from tests.helpers import GIB, MIB, SIZES, cap_for, code_of, create, delete, down, read_sum, tree, up, write_data
 
 pytestmark = pytest.mark.root
 
-SIZES = {"ext4": 64 * MIB, "xfs": 320 * MIB, "block": 32 * MIB}
 
 
 def snapshot(c: CsiClient, vid: str, name: str) -> csi_pb2.Snapshot:

@@ -16,7 +16,7 @@ from csi_driver.proto import csi_pb2
 from tests import kernel
 from tests.conftest import Driver
 from tests.helpers import (
-    MIB,
+    SIZES,
     Published,
     cap_for,
     create,
@@ -43,7 +43,6 @@ from tests.reliability.support import (
 
 pytestmark = pytest.mark.root
 
-SIZES = {"ext4": 64 * MIB, "xfs": 320 * MIB, "block": 32 * MIB}
 
 
 def prepared(d: Driver, name: str, fs: str = "ext4") -> tuple[Published, str, str]:
