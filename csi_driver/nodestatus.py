@@ -12,7 +12,7 @@ from typing import Any
 from .datalock import LOCK_FILE, DataDirLock
 from .oslayer import MountEntry, OSLayer
 from .store import Collection, Entry, Store
-from .volumes import Usage, device_mounts
+from .volumes import Usage, device_mounts, is_block_staging
 
 
 @dataclass(frozen=True)
@@ -147,24 +147,26 @@ def _state(entry: Entry, usage: Usage) -> tuple[str, list[str], list[str]]:
     """Split the volume's mounts into staging and publish mounts.
 
     A mounted filesystem: its first mount (mountinfo lists mounts in the order they were
-    made) is the staging mount, every later one a publish bind. Block volumes: staging only
-    attaches the loop device; every bind of the device node is a publish. Inline ephemeral
-    volumes are never staged: their one mount is the publish."""
+    made) is the staging mount, every later one a publish bind. Block volumes: a staging
+    path holds a bind of the device node on STAGED_DEVICE inside it; every other bind of
+    the device node is a publish. Inline ephemeral volumes are never staged: their one
+    mount is the publish."""
     loop = usage.loop
     if loop is None:
         return "idle", [], []
-    points = [m.mount_point for m in usage.mounts]
+    block_staged = [os.path.dirname(m.mount_point) for m in usage.mounts if is_block_staging(m)]
+    points = [m.mount_point for m in usage.mounts if not is_block_staging(m)]
     fs_mounts = [m.mount_point for m in usage.mounts if m.major_minor == loop.major_minor]
-    is_block = entry.meta.parameters.get("access_type") == "block" or not entry.meta.fs_type
     if entry.meta.ephemeral:
         staged, published = [], points
     elif fs_mounts:
         staged, published = fs_mounts[:1], [p for p in points if p != fs_mounts[0]]
     else:
         staged, published = [], points
+    staged += block_staged
     if published:
         return "published", staged, published
-    if staged or is_block:
+    if staged:
         return "staged", staged, published
     return "attached", staged, published
 

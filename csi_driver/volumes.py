@@ -14,7 +14,7 @@ from pathlib import Path
 from . import baton, failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
+from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id, real_path
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
 from .validation import VolumeParams, check_reclaim
 
@@ -63,11 +63,52 @@ def names_volume(backing_file: str, volume_id: str) -> bool:
     return re.search(pattern, backing_file) is not None
 
 
+STAGED_DEVICE = "thinloop-device"
+"""A block volume is staged by binding its loop device onto this file in the staging
+directory: the mount table then shows every staging path of the volume, as it does for a
+filesystem volume's staging mounts, and a staging path survives a driver restart."""
+
+
 def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
     """Mounts of the loop's filesystem and bind mounts of its device node."""
     name = "/" + Path(loop.device).name
     return [m for m in mounts if m.major_minor == loop.major_minor
             or (m.root == name and m.fstype in ("devtmpfs", "tmpfs"))]
+
+
+def is_block_staging(mount: MountEntry) -> bool:
+    """Whether a mount is a block volume's staging bind (STAGED_DEVICE)."""
+    return os.path.basename(mount.mount_point) == STAGED_DEVICE
+
+
+def publish_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
+    """device_mounts less block staging binds: the mounts through which a pod may write."""
+    return [m for m in device_mounts(mounts, loop) if not is_block_staging(m)]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How to tell a volume's loop devices from any other's: by the image's identity
+    (its file's device and inode, which LOOP_GET_STATUS64 reports for the device), and,
+    where that cannot be known (the image is gone: deleted while mounted, or moved to the
+    trash), by the path shape of this volume's image."""
+
+    volume_id: str
+    image: str
+    """The image's real path; empty when the volume does not exist."""
+    image_id: FileId | None
+
+    def owns(self, loop: LoopDevice | None) -> bool:
+        if loop is None:
+            return False
+        if self.image and loop.backs(self.image, self.image_id):
+            return True
+        unknown = loop.backing_id is None or loop.backing_file.endswith(" (deleted)")
+        return unknown and names_volume(loop.backing_file, self.volume_id)
+
+    def is_current(self, loop: LoopDevice | None) -> bool:
+        """The device of the image as it is now (not of a deleted one)."""
+        return loop is not None and bool(self.image) and loop.backs(self.image, self.image_id)
 
 
 def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
@@ -86,6 +127,12 @@ class Volumes:
         self.os = oslayer
 
     # -- lookup -------------------------------------------------------------------------
+
+    def identity(self, volume_id: str, entry: Entry | None) -> Identity:
+        if entry is None:
+            return Identity(volume_id, "", None)
+        image = real_path(entry.image)
+        return Identity(volume_id, image, file_id(image))
 
     def get(self, volume_id: str) -> Entry:
         entry = self.store.volumes.get(volume_id)
@@ -239,12 +286,15 @@ class Volumes:
                 "it will not be reformatted")
         return found
 
-    def detach_if_unused(self, loop: LoopDevice) -> None:
-        still = device_mounts(self.os.mounts(), loop)
+    def detach_if_unused(self, loop: LoopDevice) -> list[str]:
+        """Detach the device unless a staging path or publish still uses it (a mount of
+        its filesystem, a bind of its node); returns where it is still used."""
+        still = [m.mount_point for m in device_mounts(self.os.mounts(), loop)]
         if still:
-            raise FailedPrecondition(
-                f"{loop.device} is still mounted at {', '.join(m.mount_point for m in still)}")
+            log.info("%s stays attached: still used at %s", loop.device, ", ".join(still))
+            return still
         self.os.detach_loop(loop.device)
+        return []
 
     def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""
