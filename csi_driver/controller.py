@@ -174,14 +174,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     @staticmethod
     def _params_for_copy(source: Entry, size: int, params: VolumeParams) -> VolumeParams:
         """A restore or clone holds its source's bytes: its filesystem is the source's
-        (a defaulted fsType follows the source), and a raw block source is never made a
+        (a defaulted fsType follows the source; a copy taken for raw block access still
+        records the filesystem its bytes hold), and a raw block source is never made a
         filesystem volume, which would format the restored data at the first stage."""
         src_size = source.size_bytes()
         if size < src_size:
             raise OutOfRange(f"requested {size} bytes is smaller than the source's {src_size} bytes")
         src_fs = source.meta.fs_type
         if params.access_type == "block":
-            return params
+            return replace(params, fs_type=src_fs, fs_explicit=False)
         if source.meta.parameters.get("access_type") == "block":
             raise InvalidArgument(f"{source.id} is a raw block volume: restore or clone it as a block volume")
         if src_fs and src_fs != params.fs_type:

@@ -39,7 +39,12 @@ class Snapshots:
         free = self.store.free_bytes()
         if need > free:
             raise ResourceExhausted(f"snapshot of {source_id} needs {need} bytes; {free} free")
+        # What a snapshot carries from its volume: the filesystem and access type of its
+        # bytes, and a filesystem growth still owed (the image is larger than its
+        # filesystem: a restore must grow it too). It is a sparse copy whatever the source's
+        # diskformat: a restore or clone follows its own.
         meta = Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
+                    requested_bytes=source.size_bytes(), needs_fs_grow=source.meta.needs_fs_grow,
                     source_kind="volume", source_id=source_id, created=time.time(),
                     node_id=self.volumes.settings.node_id,
                     parameters={k: v for k, v in source.meta.parameters.items() if k == "access_type"})

@@ -196,8 +196,10 @@ class Volumes:
                     self.os.mkfs(str(image), params.fs_type, discard=thin, prezeroed=not thin)
 
         if source is not None:
-            src_size = source[1].size_bytes()
-            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and size > src_size)
+            # The copy's filesystem is the source's, grown at the first stage when the copy
+            # is larger or the source still owed a growth (deferred, e.g. refused online).
+            owed = source[1].meta.needs_fs_grow or size > source[1].size_bytes()
+            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and owed)
         entry = self.store.volumes.create(volume_id, meta, build)
         log.info("created volume %s: %d bytes, %s, %s", volume_id, size,
                  params.fs_type or "block", params.diskformat)
