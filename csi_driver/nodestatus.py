@@ -12,7 +12,7 @@ from typing import Any
 from .datalock import LOCK_FILE, DataDirLock
 from .oslayer import MountEntry, OSLayer
 from .store import Collection, Entry, Store
-from .volumes import Usage, device_mounts, is_block_staging
+from .volumes import Usage, device_mounts, fs_type_of, is_block_staging
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class ObjectStatus:
     allocated_bytes: int
     """Blocks the image really occupies on the host filesystem."""
     fs_type: str
-    """ext3, ext4, xfs, or "block" for a raw block volume."""
+    """ext3, ext4, xfs (or what else an image made by hand holds), "block" for a raw block
+    volume, "none" for an image made by hand that holds no filesystem."""
     diskformat: str
     created: float
     source: str
@@ -171,6 +172,13 @@ def _state(entry: Entry, usage: Usage) -> tuple[str, list[str], list[str]]:
     return "attached", staged, published
 
 
+def _fs_shown(entry: Entry, oslayer: OSLayer) -> str:
+    """The filesystem the image holds; "block" for a raw block volume this driver made,
+    "none" for an image made by hand that holds nothing (yet)."""
+    fs = fs_type_of(entry, oslayer)
+    return fs or ("none" if entry.hand_made else "block")
+
+
 def object_status(entry: Entry, oslayer: OSLayer, mounts: list[MountEntry]) -> ObjectStatus:
     apparent, alloc = _sizes(entry)
     loop = oslayer.find_loop(entry.image)
@@ -179,7 +187,7 @@ def object_status(entry: Entry, oslayer: OSLayer, mounts: list[MountEntry]) -> O
     meta = entry.meta
     return ObjectStatus(
         kind=meta.kind, id=entry.id, name=meta.name, apparent_bytes=apparent, allocated_bytes=alloc,
-        fs_type=meta.fs_type or "block", diskformat=meta.diskformat, created=meta.created,
+        fs_type=_fs_shown(entry, oslayer), diskformat=meta.diskformat, created=meta.created,
         source=f"{meta.source_kind}/{meta.source_id}" if meta.source_kind else "",
         ephemeral=meta.ephemeral, state=state if meta.kind == "volume" else "-",
         loop_device=loop.device if loop is not None else "",

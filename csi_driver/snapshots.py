@@ -10,7 +10,7 @@ from pathlib import Path
 from . import failpoints
 from .errors import AlreadyExists, NotFound, ResourceExhausted
 from .store import Entry, Meta, Store
-from .volumes import Volumes
+from .volumes import Volumes, fs_type_of
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Snapshots:
         # bytes, and a filesystem growth still owed (the image is larger than its
         # filesystem: a restore must grow it too). It is a sparse copy whatever the source's
         # diskformat: a restore or clone follows its own.
-        meta = Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
+        meta = Meta(name=snap_id, kind="snapshot", fs_type=fs_type_of(source, self.os), diskformat="thin",
                     requested_bytes=source.size_bytes(), needs_fs_grow=source.meta.needs_fs_grow,
                     source_kind="volume", source_id=source_id, created=time.time(),
                     node_id=self.volumes.settings.node_id,

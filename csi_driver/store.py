@@ -90,6 +90,9 @@ class Entry:
     id: str
     path: Path
     meta: Meta
+    hand_made: bool = False
+    """No readable meta.json (an image put in place by hand, for static provisioning):
+    the metadata is defaults, and what the image holds must be looked at."""
 
     @property
     def image(self) -> Path:
@@ -227,10 +230,10 @@ class Collection:
             meta = Meta.from_json((path / META).read_text(encoding="utf-8"))
         except FileNotFoundError:
             # Made by hand (static provisioning): everything but the image is a default.
-            meta = Meta(name=obj_id, kind=self.kind, diskformat="thin")
+            return Entry(obj_id, path, Meta(name=obj_id, kind=self.kind, diskformat="thin"), hand_made=True)
         except (ValueError, TypeError) as exc:
             log.error("%s %s: unreadable %s (%s); treating as hand-made", self.kind, obj_id, META, exc)
-            meta = Meta(name=obj_id, kind=self.kind)
+            return Entry(obj_id, path, Meta(name=obj_id, kind=self.kind), hand_made=True)
         return Entry(obj_id, path, meta)
 
     def entries(self) -> Iterator[Entry]:

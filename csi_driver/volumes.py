@@ -15,6 +15,7 @@ from . import baton, failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id, real_path
+from .runner import CommandError
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
 from .validation import VolumeParams, check_reclaim
 
@@ -109,6 +110,23 @@ class Identity:
     def is_current(self, loop: LoopDevice | None) -> bool:
         """The device of the image as it is now (not of a deleted one)."""
         return loop is not None and bool(self.image) and loop.backs(self.image, self.image_id)
+
+
+def fs_type_of(entry: Entry, oslayer: OSLayer) -> str:
+    """The filesystem the volume's image holds, "" for none. The metadata's for a volume
+    this driver made (it made that filesystem, or none for a raw block volume); for an
+    image made by hand, whatever is really there now: the superblock (ext3/ext4/xfs, one
+    read) or else blkid -p (any other type), so listings agree with the image before and
+    after a stage formats it."""
+    if not entry.hand_made:
+        return entry.meta.fs_type
+    found = oslayer.superblock_fs(str(entry.image))
+    if found is None:
+        try:
+            found = oslayer.probe_fs(str(entry.image))
+        except CommandError as exc:
+            log.warning("cannot tell what %s holds: %s", entry.image, exc)
+    return found or ""
 
 
 def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
