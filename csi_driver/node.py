@@ -259,8 +259,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
             loop = loop or self.os.find_loop(entry.image)  # a retry finds nothing mounted
-            if loop is not None:
-                self.volumes.detach_if_unused(loop)
+            still = self.volumes.detach_if_unused(loop) if loop is not None else []
+            # Left attached for other users: the last of them to unpublish detaches it.
+            self.volumes.mark_detach_when_unused(entry, bool(still))
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish --------------------------------------------------------------------------
@@ -314,30 +315,36 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if current.readonly != readonly:
                 raise AlreadyExists(f"{target} is already published {'read-only' if current.readonly else 'writable'}")
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.isdir(target):
             raise AlreadyExists(f"{target} is a directory; a block volume is published on a file")
+        # Every refusal before anything is made or changed.
+        flip: bool | None = None  # the device's read-only flag to set, if it changes
+        if readonly and not loop.readonly:
+            # A read-only bind of a device node still lets writers open it: the device
+            # itself must be read-only, which would fail the writers already using it.
+            if publish_mounts(mounts, loop):
+                raise FailedPrecondition(
+                    f"{loop.device} is published writable elsewhere; it cannot also be published "
+                    "read-only (that makes the whole device read-only)")
+            flip = True
+        elif not readonly and loop.readonly:
+            # Left read-only by an earlier read-only publish, or attached read-only.
+            if publish_mounts(mounts, loop) or self.os.attached_read_only(loop.device):
+                raise FailedPrecondition(
+                    f"{loop.device} is read-only (staged for reading, or published read-only "
+                    "elsewhere); it cannot also be published writable")
+            flip = False
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         created = not os.path.exists(target)
         fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         try:
-            if readonly and not loop.readonly:
-                # A read-only bind of a device node still lets writers open it: the device
-                # itself must be read-only, which would fail the writers already using it.
-                if publish_mounts(mounts, loop):
-                    raise FailedPrecondition(
-                        f"{loop.device} is published writable elsewhere; it cannot also be published "
-                        "read-only (that makes the whole device read-only)")
-                self.os.set_device_readonly(loop.device, True)
-            elif not readonly and loop.readonly:
-                # Left read-only by an earlier read-only publish, or attached read-only.
-                if publish_mounts(mounts, loop) or self.os.attached_read_only(loop.device):
-                    raise FailedPrecondition(
-                        f"{loop.device} is read-only (staged for reading, or published read-only "
-                        "elsewhere); it cannot also be published writable")
-                self.os.set_device_readonly(loop.device, False)
+            if flip is not None:
+                self.os.set_device_readonly(loop.device, flip)
             self.os.bind_mount(loop.device, target, readonly=readonly)
         except BaseException:
+            if flip is not None:
+                self.os.set_device_readonly(loop.device, not flip)
             if created:
                 os.unlink(target)
             raise
@@ -428,10 +435,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if loop is not None:
                     self.volumes.detach_if_unused(loop)
                 self.volumes.remove(entry)
-            elif loop is not None:
-                # Nothing stages or publishes it any more (its staging path was unstaged
-                # while this publish still used the device): the device goes too.
-                self.volumes.detach_if_unused(loop)
+            elif loop is not None and entry is not None and self.volumes.detach_when_unused(entry) \
+                    and not self.volumes.detach_if_unused(loop):
+                # Its last staging path was unstaged while this publish still used the
+                # device: nothing uses it now, and it has just been detached.
+                self.volumes.mark_detach_when_unused(entry, False)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- stats and expansion --------------------------------------------------------------

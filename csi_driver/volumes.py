@@ -70,6 +70,13 @@ directory: the mount table then shows every staging path of the volume, as it do
 filesystem volume's staging mounts, and a staging path survives a driver restart."""
 
 
+DETACH_WHEN_UNUSED = "detach-when-unused"
+"""In a volume's directory while its loop device was left attached by an unstage because
+a publish (or another staging path) still used it: the NodeUnpublish that leaves the device
+unused detaches it. Only an unstage writes it, so a device staged by a driver before block
+staging paths were mounts (attached with no mount) is never detached by an unpublish."""
+
+
 def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
     """Mounts of the loop's filesystem and bind mounts of its device node."""
     name = "/" + Path(loop.device).name
@@ -315,6 +322,20 @@ class Volumes:
             return still
         self.os.detach_loop(loop.device)
         return []
+
+    def mark_detach_when_unused(self, entry: Entry, on: bool) -> None:
+        """Record (or clear) that the volume's device outlived its staging paths
+        (DETACH_WHEN_UNUSED). Not made durable: lost in a crash, the device merely stays
+        attached until the volume is staged and unstaged again."""
+        mark = entry.path / DETACH_WHEN_UNUSED
+        if on:
+            with baton.blocking():
+                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        else:
+            mark.unlink(missing_ok=True)
+
+    def detach_when_unused(self, entry: Entry) -> bool:
+        return (entry.path / DETACH_WHEN_UNUSED).exists()
 
     def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""

@@ -173,7 +173,8 @@ def test_any_call_sequence_keeps_staging_per_path(driver: Driver, fs: str) -> No
     stagings = [driver.path(f"plugins/pv-{i}/globalmount") for i in range(2)]
     targets = [driver.path(f"pods/pod-{i}/vol") for i in range(2)]
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=25, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(CALLS)
     def prop(calls: list[tuple[str, int, int]]) -> None:
         model = Model()
@@ -221,4 +222,28 @@ def test_any_call_sequence_keeps_staging_per_path(driver: Driver, fs: str) -> No
                 unstage(driver, vid, s)
             assert node_state(driver) == ([], []), "teardown left something behind"
     prop()
+    delete(c, vid)
+
+
+def test_a_block_volume_staged_by_an_older_driver_keeps_its_device_across_publishes(driver: Driver) -> None:
+    """Before staging paths were mounts, a block volume's stage only attached its device.
+    After an upgrade, the unpublish of such a volume must not detach it (kubelet still
+    holds it staged and publishes it again); its unstage still does."""
+    c = driver.client
+    vid = create(c, "legacy-blk", SIZES["block"], "block").volume_id
+    image = driver.data_dir / "volumes" / vid / "disk.img"
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    s = driver.path("plugins/pv/globalmount")
+    os.makedirs(s)
+    t = driver.path("pods/p/vol")
+    publish(c, vid, s, t, "block")
+    digest = write_data(Pub(vid, "block", s, t))
+    unpublish(driver, vid, t)
+    assert kernel.loops_under(driver.root) == [device], "an unpublish detached a staged device"
+    publish(c, vid, s, t, "block")
+    assert read_sum(Pub(vid, "block", s, t)) == digest
+    unpublish(driver, vid, t)
+    unstage(driver, vid, s)
+    assert kernel.loops_under(driver.root) == []
     delete(c, vid)
