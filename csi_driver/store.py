@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -193,6 +194,21 @@ def grow_image(path: Path, size: int, diskformat: str) -> None:
         os.close(fd)
 
 
+def _rmtree_gone_is_fine(path: Path) -> None:
+    """rmtree, where an entry someone else removed meanwhile (another process finishing
+    the same deletion, e.g. `thinloopctl node orphans` beside start-up recovery) is what
+    was wanted; any other failure is raised."""
+    def handler(func: Callable[..., object], name: str, exc: object) -> None:
+        err = exc[1] if isinstance(exc, tuple) else exc  # onerror gets exc_info, onexc the exception
+        if isinstance(err, BaseException) and not isinstance(err, FileNotFoundError):
+            raise err
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=handler)
+    else:
+        shutil.rmtree(path, onerror=handler)
+
+
 def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
     """Remove a directory tree, or only the link when `path` is a symlink: nothing
     outside the data dir may be removed through a link planted in it."""
@@ -200,7 +216,10 @@ def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
         path.unlink()
         return
     with baton.blocking():  # unlinking a large image takes a while
-        shutil.rmtree(path, ignore_errors=ignore_errors)
+        if ignore_errors:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _rmtree_gone_is_fine(path)
 
 
 class Collection:
