@@ -263,11 +263,12 @@ def prepare_socket(path: str) -> None:
 LOCK_GRACE_SECONDS = 2.0
 
 
-def lock_data_dir(settings: Settings) -> DataDirLock | None:
+def lock_data_dir(settings: Settings, *, create: bool = True) -> DataDirLock | None:
     """Take the data dir's driver lock (csi_driver.datalock) before anything reads or
-    changes the data dir; None in controller-only mode, which touches no files.
+    changes the data dir; None in controller-only mode, which touches no files, and, with
+    create=False, when the data dir does not exist yet (no driver can hold it then).
     A second driver on the same data dir gets StartupError naming the holder."""
-    if not settings.touches_files:
+    if not settings.touches_files or not (create or settings.data_dir.is_dir()):
         return None
     lock = DataDirLock(settings.data_dir / LOCK_FILE)
     try:
@@ -289,8 +290,16 @@ def serve(settings: Settings, driver: Driver | None = None,
     """Run until SIGTERM/SIGINT; return the process exit code. The data dir lock is held
     from before recovery until the handler workers have exited."""
     path = str(settings.socket_path)
-    prepare_socket(path)  # refuses an unsafe endpoint before even the data dir is made
-    lock = lock_data_dir(settings)
+    # A driver already on this data dir is named even when it also serves this endpoint;
+    # an unsafe endpoint is refused before a data dir that does not exist is made.
+    lock = lock_data_dir(settings, create=False)
+    try:
+        prepare_socket(path)
+        lock = lock or lock_data_dir(settings)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     try:
         driver = driver or Driver.build(settings)
         recovered = driver.recover()

@@ -112,6 +112,17 @@ def test_second_driver_refuses_and_leaves_the_first_ones_create_alone(workdir: P
         first.shutdown()
 
 
+@pytest.mark.root
+def test_a_second_driver_on_the_same_endpoint_names_the_holder_too(driver: Driver) -> None:
+    """A hand-started copy with the node pod's very flags: the data dir is what is named."""
+    res = subprocess.run(driver.args(), capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 1, res
+    lines = res.stderr.strip().splitlines()
+    assert driver.proc is not None
+    assert len(lines) == 1 and f"pid {driver.proc.pid} host " in lines[0], res.stderr
+    driver.client.identity.Probe(csi_pb2.ProbeRequest())  # the first one still serves its socket
+
+
 def _holders(lock: Path) -> dict[int, int]:
     """pid -> fdinfo flags of every descriptor open on the lock file, in any process."""
     want = os.path.realpath(lock)
