@@ -365,14 +365,14 @@ class HostOS:
     def _bind_loop(self, device: str, image: str, *, readonly: bool, direct_io: bool) -> None:
         """LOOP_CONFIGURE; losetup when the kernel refuses it for any reason but a race
         (older kernels, O_DIRECT refused by the backing filesystem): util-linux knows
-        every fallback."""
+        every fallback. A race (the device taken, or removed, by another process) raises."""
         try:
             linuxapi.loop_configure(device, image, readonly=readonly, direct_io=direct_io,
                                     block_size=self.sector_size if self.sector_size > 512 else 0)
             return
         except linuxapi.SyscallError as exc:
-            if exc.errno == errno.EBUSY:
-                raise
+            if exc.errno in _RACE_ERRNOS:
+                raise  # taken, or removed, by another process: attach_loop takes another
             log.info("%s; attaching with losetup instead", exc)
         argv = ["losetup"]
         if direct_io:

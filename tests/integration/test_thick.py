@@ -8,6 +8,7 @@ inode-table init, restage, driver restart, expansion, and snapshot restore and c
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -292,3 +293,30 @@ def test_a_device_that_cannot_discard_is_never_handed_to_a_thin_volume(workdir: 
         if host.discard_disabled(crippled):  # not handed out to us: remove it here
             host._remove_device(os.path.basename(crippled))
     assert not host.discard_disabled(crippled)
+
+
+def _attach_detach(kind: str, image: str, rounds: int) -> list[str]:
+    host = HostOS()
+    errors = []
+    for _ in range(rounds):
+        try:
+            host.detach_loop(host.attach_loop(Path(image), readonly=False, discard=kind == "thin").device)
+        except Exception as exc:  # reported, not raised: the parent counts them
+            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+    return errors
+
+
+def test_attaches_in_other_processes_survive_thick_devices_being_removed(workdir: Path) -> None:
+    """Four processes attach and detach at once, two of them thick images (whose devices
+    are removed after each detach). A device number handed out by LOOP_CTL_GET_FREE can
+    vanish before it is configured (ENXIO); the attach takes another instead of failing."""
+    images = []
+    for i, kind in enumerate(("thick", "thin", "thick", "thin")):
+        image = workdir / f"{kind}-{i}.img"
+        with open(image, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 8 * MIB)
+        images.append((kind, str(image)))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        errors = [e for found in pool.starmap(_attach_detach, [(k, i, 80) for k, i in images]) for e in found]
+    assert errors == []
