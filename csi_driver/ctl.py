@@ -310,6 +310,7 @@ def cmd_node_trim(a: argparse.Namespace) -> Outcome:
     from .errors import Aborted
     from .inflight import InFlight
     from .runner import CommandError
+    from .volumes import fs_type_of
     local = Local.open(a)
     inflight = InFlight(local.settings.data_dir)
     entries = [e for e in local.store.volumes.entries() if not a.volume or e.id in a.volume]
@@ -330,7 +331,7 @@ def cmd_node_trim(a: argparse.Namespace) -> Outcome:
                 mount_point = row["mount_point"] = local.volumes.fs_mount_point(usage)
                 if not mount_point:
                     row["result"] = ("skipped: raw block volume (the filesystem inside trims itself)"
-                                     if not entry.meta.fs_type else "skipped: not staged on this node")
+                                     if not fs_type_of(entry, local.hostos) else "skipped: not staged on this node")
                     continue
                 if any(m.mount_point == mount_point and m.readonly for m in usage.mounts):
                     row["result"] = "skipped: mounted read-only"
