@@ -36,7 +36,7 @@ from .validation import (
     resolve_params,
     size_from_range,
 )
-from .volumes import HostView, Volumes
+from .volumes import HostView, Volumes, fs_type_of
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _volume_msg(self, entry: Entry) -> csi_pb2.Volume:
         meta = entry.meta
         ctx = {"diskformat": meta.diskformat, "reclaim": meta.reclaim}
-        if meta.fs_type:
-            ctx["fsType"] = meta.fs_type
+        fs = fs_type_of(entry, self.volumes.os)
+        if fs:
+            ctx["fsType"] = fs
         vol = csi_pb2.Volume(volume_id=entry.id, capacity_bytes=entry.size_bytes(),
                              volume_context=ctx, accessible_topology=[self.topology()])
         if meta.source_kind == "snapshot":
@@ -123,12 +124,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                      ) -> csi_pb2.CreateVolumeResponse:
         require(request.name, "name")
         volume_id = check_id(request.name, "name")
-        params = resolve_params(request.parameters, request.volume_capabilities)
-        if request.mutable_parameters:
-            # A VolumeAttributesClass named by the claim: its values win over the class's.
-            mutable = self._check_mutable(request.mutable_parameters)
-            params = replace(params, diskformat=mutable.get("diskformat", params.diskformat),
-                             reclaim=mutable.get("reclaim", params.reclaim))
+        # A VolumeAttributesClass named by the claim: its values win over the class's.
+        mutable = self._check_mutable(request.mutable_parameters) if request.mutable_parameters else {}
+        params = resolve_params({**request.parameters, **mutable}, request.volume_capabilities)
         size = size_from_range(request.capacity_range if request.HasField("capacity_range") else None,
                                params.fs_type)
         self._check_topology(request)
@@ -157,7 +155,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"{exc.message}. A restore or clone is made on the node that holds its "
                                "source; a source on another node cannot be used") from None
             if source is not None:
-                params = self._params_for_copy(source[1], size, params)
+                params = self._params_for_copy(source[1], fs_type_of(source[1], self.volumes.os), size, params)
             entry = self.volumes.create(volume_id, size, params, source=source,
                                         parameters=dict(request.parameters))
             return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(entry))
@@ -175,16 +173,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             "requested topologies")
 
     @staticmethod
-    def _params_for_copy(source: Entry, size: int, params: VolumeParams) -> VolumeParams:
+    def _params_for_copy(source: Entry, src_fs: str, size: int, params: VolumeParams) -> VolumeParams:
         """A restore or clone holds its source's bytes: its filesystem is the source's
-        (a defaulted fsType follows the source), and a raw block source is never made a
+        (a defaulted fsType follows the source; a copy taken for raw block access still
+        records the filesystem its bytes hold), and a raw block source is never made a
         filesystem volume, which would format the restored data at the first stage."""
         src_size = source.size_bytes()
         if size < src_size:
             raise OutOfRange(f"requested {size} bytes is smaller than the source's {src_size} bytes")
-        src_fs = source.meta.fs_type
         if params.access_type == "block":
-            return params
+            return replace(params, fs_type=src_fs, fs_explicit=False)
         if source.meta.parameters.get("access_type") == "block":
             raise InvalidArgument(f"{source.id} is a raw block volume: restore or clone it as a block volume")
         if src_fs and src_fs != params.fs_type:
@@ -237,7 +235,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         except InvalidArgument as exc:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
         if entry is not None:
-            fs = entry.meta.fs_type
+            fs = fs_type_of(entry, self.volumes.os)
             for cap in request.volume_capabilities:
                 want = cap.mount.fs_type if cap.WhichOneof("access_type") == "mount" else ""
                 if want and fs and want != fs:

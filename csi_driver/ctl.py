@@ -635,6 +635,7 @@ def cmd_node_status(a: argparse.Namespace) -> Outcome:
                                  "staged_at", "published_at"]),
         "", "SNAPSHOTS", _table(snaps, ["id", "source", "size", "allocated", "fs"]), "",
         f"{'data dir':14}{status.data_dir} ({status.data_fs_type})",
+        f"{'driver':14}{status.driver or 'none running on this data dir'}",
         f"{'provisioned':14}{human(t.provisioned_bytes)} in {t.volumes} volume(s)",
         f"{'allocated':14}{human(t.allocated_bytes)} "
         f"(thin saving {human(t.thin_saving_bytes)}, {_pct(t.thin_saving_bytes, t.provisioned_bytes)});"
@@ -647,39 +648,54 @@ def cmd_node_status(a: argparse.Namespace) -> Outcome:
 
 
 def cmd_node_trim(a: argparse.Namespace) -> Outcome:
-    """fstrim every staged filesystem volume so the image gives freed blocks back."""
+    """fstrim every staged thin filesystem volume so the image gives freed blocks back.
+    Thick volumes are skipped: their promise is to keep their whole size allocated. Each
+    volume is trimmed holding its in-flight key, so a running driver's operation on it
+    (unstage, expand, snapshot) and the trim never overlap; a busy volume is skipped."""
+    from .errors import Aborted
+    from .inflight import InFlight
     from .runner import CommandError
+    from .volumes import fs_type_of
     local = Local.open(a)
     known = set(local.store.volumes.ids())
     unknown = [v for v in a.volume if v not in known]
     if unknown:
         raise Failure(f"no volume {', '.join(unknown)} in {local.settings.data_dir}: nothing trimmed "
                       "(thinloopctl node status lists the volumes here)", EXIT_NOT_FOUND)
+    inflight = InFlight(local.settings.data_dir)
     entries = [e for e in local.store.volumes.entries() if not a.volume or e.id in a.volume]
     rows: list[dict[str, Any]] = []
     code = EXIT_OK
     for i, entry in enumerate(entries, 1):
-        usage = local.volumes.usage(entry)
-        mount_point = local.volumes.fs_mount_point(usage)
-        row: dict[str, Any] = {"id": entry.id, "mount_point": mount_point, "trimmed_bytes": 0,
+        row: dict[str, Any] = {"id": entry.id, "mount_point": "", "trimmed_bytes": 0,
                                "allocated_before": entry.allocated_bytes(), "allocated_after": None,
                                "result": ""}
         rows.append(row)
-        if not mount_point:
-            row["result"] = ("skipped: raw block volume (the filesystem inside trims itself)"
-                             if not entry.meta.fs_type else "skipped: not staged on this node")
+        if entry.meta.diskformat != "thin":
+            row["result"] = (f"skipped: {entry.meta.diskformat} volume (thick volumes keep their "
+                             "whole size allocated; trimming would give it away)")
             continue
-        if any(m.mount_point == mount_point and m.readonly for m in usage.mounts):
-            row["result"] = "skipped: mounted read-only"
-            continue
-        _progress(a, f"[{i}/{len(entries)}] trimming {entry.id} at {mount_point}")
         try:
-            row["trimmed_bytes"] = local.hostos.trim(mount_point)
-            row["result"] = "trimmed"
-        except CommandError as exc:
-            row["result"] = f"failed: {exc}"
-            code = EXIT_FAILED
-        row["allocated_after"] = entry.allocated_bytes()
+            with inflight.hold(f"vol:{entry.id}"):
+                usage = local.volumes.usage(entry)
+                mount_point = row["mount_point"] = local.volumes.fs_mount_point(usage)
+                if not mount_point:
+                    row["result"] = ("skipped: raw block volume (the filesystem inside trims itself)"
+                                     if not fs_type_of(entry, local.hostos) else "skipped: not staged on this node")
+                    continue
+                if any(m.mount_point == mount_point and m.readonly for m in usage.mounts):
+                    row["result"] = "skipped: mounted read-only"
+                    continue
+                _progress(a, f"[{i}/{len(entries)}] trimming {entry.id} at {mount_point}")
+                try:
+                    row["trimmed_bytes"] = local.hostos.trim(mount_point)
+                    row["result"] = "trimmed"
+                except CommandError as exc:
+                    row["result"] = f"failed: {exc}"
+                    code = EXIT_FAILED
+                row["allocated_after"] = entry.allocated_bytes()
+        except Aborted:
+            row["result"] = "skipped: busy (the driver is working on this volume); run again later"
     if a.volume and code == EXIT_OK and not any(r["result"] == "trimmed" for r in rows):
         code = EXIT_UNCHANGED  # named volumes, none of which could be trimmed: the rows say why
     if a.output != "table":
@@ -723,8 +739,10 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
         print(_table([o.to_dict() for o in deletable], ["kind", "id", "detail"]), file=sys.stderr)
         if not _confirm(f"Delete these {len(deletable)} object(s)?"):
             return Outcome(report.to_dict() if a.output != "table" else "nothing deleted", EXIT_FOUND)
+    from .inflight import InFlight
     outcomes = orphans.remove(report, local.store, local.hostos, view,
-                              progress=lambda o: _progress(a, f"removing {o.kind} {o.id}"))
+                              progress=lambda o: _progress(a, f"removing {o.kind} {o.id}"),
+                              inflight=InFlight(local.settings.data_dir))
     failed = any(x.message.startswith("failed") for x in outcomes)
     left = any(not x.deleted for x in outcomes)
     code = EXIT_FAILED if failed else EXIT_FOUND if left else EXIT_OK

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 from .config import Settings, parse_address
+from .datalock import LOCK_FILE, DataDirLock
 from .hostos import REQUIRED_TOOLS
 
 LOOP_CONTROL = "/dev/loop-control"
@@ -31,7 +32,11 @@ class StartupError(RuntimeError):
 
 
 def check(settings: Settings) -> None:
-    """Every check, cheapest and most basic first; raise StartupError at the first failure."""
+    """Every check, cheapest and most basic first; raise StartupError at the first failure.
+    A data dir another driver holds is named first: a second copy started with the same
+    flags is told who holds the data dir (its socket is that driver's too)."""
+    if settings.touches_files:
+        _check_data_dir_free(settings)
     inspect_endpoint(str(settings.socket_path), settings.source("endpoint"))
     _check_socket_dir(settings)
     if settings.metrics_address:
@@ -40,6 +45,21 @@ def check(settings: Settings) -> None:
         _check_data_dir(settings)
         _check_tools()
         _check_loop_control()
+
+
+def _check_data_dir_free(settings: Settings) -> None:
+    """Only reads the lock (csi_driver.datalock); taking it is the server's first act."""
+    try:
+        holder = DataDirLock(settings.data_dir / LOCK_FILE).holder()
+    except OSError:
+        return  # unreadable: _check_data_dir says why
+    if holder is not None:
+        raise StartupError(data_dir_in_use(settings, holder))
+
+
+def data_dir_in_use(settings: Settings, holder: str) -> str:
+    return (f"data dir {settings.data_dir} is in use by another thinloop driver ({holder}); "
+            "stop that one first, or give this one its own --data-dir")
 
 
 def inspect_endpoint(path: str, source: str = "--endpoint") -> bool:

@@ -19,6 +19,7 @@ import grpc
 from . import baton
 from .config import Settings
 from .controller import ControllerService
+from .datalock import LOCK_FILE, DataDirLock, DataDirLocked
 from .errors import status_of
 from .groupcontroller import GroupControllerService
 from .groupsnapshots import GroupSnapshots
@@ -27,7 +28,7 @@ from .identity import IdentityService
 from .inflight import InFlight
 from .node import NodeService
 from .oslayer import OSLayer, file_id
-from .preflight import StartupError, inspect_endpoint
+from .preflight import StartupError, data_dir_in_use, inspect_endpoint
 from .proto import csi_pb2_grpc
 from .runner import CommandError
 from .snapmeta import SnapshotMetadataService
@@ -245,20 +246,57 @@ def prepare_socket(path: str) -> None:
         startlog.info("removed stale socket %s", path)
 
 
+LOCK_GRACE_SECONDS = 2.0
+
+
+def lock_data_dir(settings: Settings, *, create: bool = True) -> DataDirLock | None:
+    """Take the data dir's driver lock (csi_driver.datalock) before anything reads or
+    changes the data dir; None in controller-only mode, which touches no files, and, with
+    create=False, when the data dir does not exist yet (no driver can hold it then).
+    A second driver on the same data dir gets StartupError naming the holder."""
+    if not settings.touches_files or not (create or settings.data_dir.is_dir()):
+        return None
+    lock = DataDirLock(settings.data_dir / LOCK_FILE)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A driver restarted right after a crash may find the old one's forked workers
+        # a moment from their end (PR_SET_PDEATHSIG): give them that moment.
+        lock.acquire(wait=LOCK_GRACE_SECONDS)
+    except DataDirLocked as exc:
+        raise StartupError(data_dir_in_use(settings, exc.holder)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot lock data dir {settings.data_dir}: {exc.strerror or exc}") from None
+    return lock
+
+
 def serve(settings: Settings, driver: Driver | None = None,
           ready: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit code."""
+    """Run until SIGTERM/SIGINT; return the process exit code. The data dir lock is held
+    from before recovery until the handler workers have exited."""
     path = str(settings.socket_path)
-    prepare_socket(path)
-    driver = driver or Driver.build(settings)
-    recovered = driver.recover()
-    if settings.workers and driver.volumes is not None and driver.pool is None:
-        driver.start_workers(settings.workers)  # before any thread starts: it forks
+    # A driver already on this data dir is named even when it also serves this endpoint;
+    # an unsafe endpoint is refused before a data dir that does not exist is made.
+    lock = lock_data_dir(settings, create=False)
     try:
-        return _serve(settings, driver, recovered, ready)
+        prepare_socket(path)
+        lock = lock or lock_data_dir(settings)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    try:
+        driver = driver or Driver.build(settings)
+        recovered = driver.recover()
+        if settings.workers and driver.volumes is not None and driver.pool is None:
+            driver.start_workers(settings.workers)  # before any thread starts: it forks
+        try:
+            return _serve(settings, driver, recovered, ready)
+        finally:
+            if driver.pool is not None:
+                driver.pool.close()
     finally:
-        if driver.pool is not None:
-            driver.pool.close()
+        if lock is not None:
+            lock.release()
 
 
 def _serve(settings: Settings, driver: Driver, recovered: list[str],

@@ -11,7 +11,7 @@ from . import failpoints
 from .errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from .grouprecords import GROUPS_DIR, GroupRecords, Membership
 from .store import Entry, Meta, Store
-from .volumes import Volumes
+from .volumes import Volumes, fs_type_of
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,13 @@ class Snapshots:
         return entry
 
     def meta_for(self, snap_id: str, source: Entry, created: float, group_snapshot_id: str = "") -> Meta:
-        """The metadata of a snapshot of `source` cut at `created` (Unix time)."""
-        return Meta(name=snap_id, kind="snapshot", fs_type=source.meta.fs_type, diskformat="thin",
+        """The metadata of a snapshot of `source` cut at `created` (Unix time): what a
+        snapshot carries from its volume is the filesystem and access type of its bytes,
+        and a filesystem growth still owed (the image is larger than its filesystem: a
+        restore must grow it too). It is a sparse copy whatever the source's diskformat:
+        a restore or clone follows its own."""
+        return Meta(name=snap_id, kind="snapshot", fs_type=fs_type_of(source, self.os), diskformat="thin",
+                    requested_bytes=source.size_bytes(), needs_fs_grow=source.meta.needs_fs_grow,
                     source_kind="volume", source_id=source.id, created=created,
                     node_id=self.volumes.settings.node_id,
                     parameters={k: v for k, v in source.meta.parameters.items() if k == "access_type"},

@@ -134,12 +134,26 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
     diskformat = parameters.get("diskformat", "thin")
     if diskformat not in DISKFORMATS:
         raise InvalidArgument(f"diskformat {diskformat!r} is not supported; use one of {', '.join(DISKFORMATS)}")
-    reclaim = parameters.get("reclaim", "discard")
-    if reclaim not in RECLAIM_MODES:
-        raise InvalidArgument(f"reclaim {reclaim!r} is not supported; use one of {', '.join(RECLAIM_MODES)}")
+    reclaim = check_reclaim(diskformat, parameters.get("reclaim"))
     access = "both" if len(kinds) > 1 else kinds.pop()
     extra = {k: v for k, v in parameters.items() if k.startswith(K8S_PREFIX)}
     return VolumeParams(fs, diskformat, reclaim, access, extra, explicit)
+
+
+def check_reclaim(diskformat: str, reclaim: str | None) -> str:
+    """The reclaim mode of a volume of this diskformat: the one given, else `discard` for
+    thin and `none` for thick. A thick volume promises to keep its whole size allocated
+    on the node, and discard gives freed blocks back: asking for both is refused."""
+    if reclaim is None:
+        return "discard" if diskformat == "thin" else "none"
+    if reclaim not in RECLAIM_MODES:
+        raise InvalidArgument(f"reclaim {reclaim!r} is not supported; use one of {', '.join(RECLAIM_MODES)}")
+    if reclaim == "discard" and diskformat != "thin":
+        raise InvalidArgument(
+            f"reclaim 'discard' cannot go with diskformat {diskformat!r}: a {diskformat} volume keeps "
+            "its whole size allocated on the node, and discard would give freed blocks back to it; "
+            "use reclaim 'none' (the default for thick volumes) or diskformat 'thin'")
+    return reclaim
 
 
 def round_up(value: int, unit: int) -> int:

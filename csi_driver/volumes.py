@@ -16,9 +16,10 @@ from pathlib import Path
 from . import baton, failpoints
 from .config import Settings
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
+from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id, real_path
+from .runner import CommandError
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, fsync_path, room_for
-from .validation import VolumeParams
+from .validation import VolumeParams, check_reclaim
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,76 @@ def names_volume(backing_file: str, volume_id: str) -> bool:
     return re.search(pattern, backing_file) is not None
 
 
+STAGED_DEVICE = "thinloop-device"
+"""A block volume is staged by binding its loop device onto this file in the staging
+directory: the mount table then shows every staging path of the volume, as it does for a
+filesystem volume's staging mounts, and a staging path survives a driver restart."""
+
+
+DETACH_WHEN_UNUSED = "detach-when-unused"
+"""In a volume's directory while its loop device was left attached by an unstage because
+a publish (or another staging path) still used it: the NodeUnpublish that leaves the device
+unused detaches it. Only an unstage writes it, so a device staged by a driver before block
+staging paths were mounts (attached with no mount) is never detached by an unpublish."""
+
+
 def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
     """Mounts of the loop's filesystem and bind mounts of its device node."""
     name = "/" + Path(loop.device).name
     return [m for m in mounts if m.major_minor == loop.major_minor
             or (m.root == name and m.fstype in ("devtmpfs", "tmpfs"))]
+
+
+def is_block_staging(mount: MountEntry) -> bool:
+    """Whether a mount is a block volume's staging bind (STAGED_DEVICE)."""
+    return os.path.basename(mount.mount_point) == STAGED_DEVICE
+
+
+def publish_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
+    """device_mounts less block staging binds: the mounts through which a pod may write."""
+    return [m for m in device_mounts(mounts, loop) if not is_block_staging(m)]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How to tell a volume's loop devices from any other's: by the image's identity
+    (its file's device and inode, which LOOP_GET_STATUS64 reports for the device), and,
+    where that cannot be known (the image is gone: deleted while mounted, or moved to the
+    trash), by the path shape of this volume's image."""
+
+    volume_id: str
+    image: str
+    """The image's real path; empty when the volume does not exist."""
+    image_id: FileId | None
+
+    def owns(self, loop: LoopDevice | None) -> bool:
+        if loop is None:
+            return False
+        if self.image and loop.backs(self.image, self.image_id):
+            return True
+        unknown = loop.backing_id is None or loop.backing_file.endswith(" (deleted)")
+        return unknown and names_volume(loop.backing_file, self.volume_id)
+
+    def is_current(self, loop: LoopDevice | None) -> bool:
+        """The device of the image as it is now (not of a deleted one)."""
+        return loop is not None and bool(self.image) and loop.backs(self.image, self.image_id)
+
+
+def fs_type_of(entry: Entry, oslayer: OSLayer) -> str:
+    """The filesystem the volume's image holds, "" for none. The metadata's for a volume
+    this driver made (it made that filesystem, or none for a raw block volume); for an
+    image made by hand, whatever is really there now: the superblock (ext3/ext4/xfs, one
+    read) or else blkid -p (any other type), so listings agree with the image before and
+    after a stage formats it."""
+    if not entry.hand_made:
+        return entry.meta.fs_type
+    found = oslayer.superblock_fs(str(entry.image))
+    if found is None:
+        try:
+            found = oslayer.probe_fs(str(entry.image))
+        except CommandError as exc:
+            log.warning("cannot tell what %s holds: %s", entry.image, exc)
+    return found or ""
 
 
 def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
@@ -88,6 +154,12 @@ class Volumes:
         self.os = oslayer
 
     # -- lookup -------------------------------------------------------------------------
+
+    def identity(self, volume_id: str, entry: Entry | None) -> Identity:
+        if entry is None:
+            return Identity(volume_id, "", None)
+        image = real_path(entry.image)
+        return Identity(volume_id, image, file_id(image))
 
     def get(self, volume_id: str) -> Entry:
         entry = self.store.volumes.get(volume_id)
@@ -147,23 +219,29 @@ class Volumes:
                 create_image(image, size, params.diskformat)
                 failpoints.hit("create.after_image")
                 if params.fs_type:
-                    self.os.mkfs(str(image), params.fs_type, discard=params.diskformat == "thin")
+                    thin = params.diskformat == "thin"
+                    self.os.mkfs(str(image), params.fs_type, discard=thin, prezeroed=not thin)
 
         if source is not None:
-            src_size = source[1].size_bytes()
-            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and size > src_size)
+            # The copy's filesystem is the source's, grown at the first stage when the copy
+            # is larger or the source still owed a growth (deferred, e.g. refused online).
+            owed = source[1].meta.needs_fs_grow or size > source[1].size_bytes()
+            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and owed)
         entry = self.store.volumes.create(volume_id, meta, build)
         log.info("created volume %s: %d bytes, %s, %s", volume_id, size,
                  params.fs_type or "block", params.diskformat)
         return entry
 
-    def copy_consistent(self, source: Entry, dest: Path) -> None:
+    def copy_consistent(self, source: Entry, dest: Path, diskformat: str = "thin") -> None:
         """Copy the source's image with its filesystem frozen when it is mounted, so the
         copy is filesystem-consistent; then make the copy durable. (A volume in use as a
         raw block device cannot be frozen: its copy is only as consistent as the writer
-        makes it; the README says so.)"""
+        makes it; the README says so.) The copy is made for `diskformat`: thin keeps
+        holes and shares blocks (reflink) where it can; a thick copy gets blocks of its
+        own, and an eagerzeroedthick one has every byte written."""
         with self.frozen([source]):
-            self.os.copy_image(source.image, dest)
+            self.os.copy_image(source.image, dest, sparse=diskformat != "eagerzeroedthick",
+                               shared=diskformat == "thin")
             failpoints.hit("copy.while_frozen")
         fsync_path(dest)
 
@@ -200,7 +278,7 @@ class Volumes:
                 raise first
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
-        self.copy_consistent(source, image)
+        self.copy_consistent(source, image, params.diskformat)
         failpoints.hit("restore.after_copy")
         fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -218,12 +296,16 @@ class Volumes:
     # -- node-side helpers --------------------------------------------------------------
 
     def attach(self, entry: Entry, *, readonly: bool) -> tuple[LoopDevice, bool]:
-        """The loop device of this image, attaching one if there is none.
+        """The loop device of this image, attaching one if there is none. A thick
+        volume's device refuses discards (OSLayer.disable_discard), whoever attached it.
         Returns (device, newly_attached)."""
+        thin = entry.meta.diskformat == "thin"
         loop = self.os.find_loop(entry.image)
         if loop is not None:
+            if not thin:
+                self.os.disable_discard(loop.device)
             return loop, False
-        return self.os.attach_loop(entry.image, readonly=readonly), True
+        return self.os.attach_loop(entry.image, readonly=readonly, discard=thin), True
 
     def ensure_filesystem(self, entry: Entry, loop: LoopDevice, requested: str) -> str:
         """The filesystem on the device. Makes one only when blkid finds none and the
@@ -255,12 +337,29 @@ class Volumes:
                 "it will not be reformatted")
         return found
 
-    def detach_if_unused(self, loop: LoopDevice) -> None:
-        still = device_mounts(self.os.mounts(), loop)
+    def detach_if_unused(self, loop: LoopDevice) -> list[str]:
+        """Detach the device unless a staging path or publish still uses it (a mount of
+        its filesystem, a bind of its node); returns where it is still used."""
+        still = [m.mount_point for m in device_mounts(self.os.mounts(), loop)]
         if still:
-            raise FailedPrecondition(
-                f"{loop.device} is still mounted at {', '.join(m.mount_point for m in still)}")
+            log.info("%s stays attached: still used at %s", loop.device, ", ".join(still))
+            return still
         self.os.detach_loop(loop.device)
+        return []
+
+    def mark_detach_when_unused(self, entry: Entry, on: bool) -> None:
+        """Record (or clear) that the volume's device outlived its staging paths
+        (DETACH_WHEN_UNUSED). Not made durable: lost in a crash, the device merely stays
+        attached until the volume is staged and unstaged again."""
+        mark = entry.path / DETACH_WHEN_UNUSED
+        if on:
+            with baton.blocking():
+                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        else:
+            mark.unlink(missing_ok=True)
+
+    def detach_when_unused(self, entry: Entry) -> bool:
+        return (entry.path / DETACH_WHEN_UNUSED).exists()
 
     def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""
@@ -309,16 +408,22 @@ class Volumes:
 
     def modify(self, entry: Entry, changes: dict[str, str]) -> Entry:
         """Apply mutable parameters to a live volume: thin -> zeroedthick preallocates the
-        image; reclaim switches online discard on or off (remounting if mounted)."""
+        image (and the volume's reclaim becomes none, its device stops discarding);
+        reclaim switches online discard on or off (remounting if mounted). Every change is
+        checked before any is made: a refused call changes nothing."""
         meta = entry.meta
         target = changes.get("diskformat", meta.diskformat)
+        if target != meta.diskformat and (meta.diskformat, target) != ("thin", "zeroedthick"):
+            raise InvalidArgument(
+                f"diskformat can change from thin to zeroedthick on a live volume, "
+                f"not from {meta.diskformat} to {target}")
+        # A thick volume's reclaim is none unless discard is asked for, which is refused.
+        reclaim = check_reclaim(target, changes.get("reclaim", meta.reclaim if target == "thin" else None))
+        st = os.stat(entry.image)
         if target != meta.diskformat:
-            if (meta.diskformat, target) != ("thin", "zeroedthick"):
-                raise InvalidArgument(
-                    f"diskformat can change from thin to zeroedthick on a live volume, "
-                    f"not from {meta.diskformat} to {target}")
-            st = os.stat(entry.image)
             self.check_room(max(0, st.st_size - st.st_blocks * 512), f"preallocating {entry.id}")
+        usage = self.usage(entry)
+        if target != meta.diskformat:
             fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 with room_for(f"to preallocate {entry.id}"):
@@ -327,11 +432,10 @@ class Volumes:
                     fsync(fd)
             finally:
                 os.close(fd)
-            meta = replace(meta, diskformat=target)
-        reclaim = changes.get("reclaim", meta.reclaim)
+            if usage.loop is not None:
+                self.os.disable_discard(usage.loop.device)
         if reclaim != meta.reclaim:
-            mount_point = self.fs_mount_point(self.usage(entry))
+            mount_point = self.fs_mount_point(usage)
             if mount_point:
                 self.os.remount(mount_point, ["discard" if reclaim == "discard" else "nodiscard"])
-            meta = replace(meta, reclaim=reclaim)
-        return self.store.volumes.save_meta(entry, meta)
+        return self.store.volumes.save_meta(entry, replace(meta, diskformat=target, reclaim=reclaim))

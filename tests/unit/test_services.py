@@ -214,7 +214,7 @@ def test_a_clone_holds_its_source_and_freezes_it(rig: Rig) -> None:
         rig.ctrl.CreateVolume(req, CTX)  # the source is busy: same key as every volume call
     frozen: list[str] = []
     real_copy = rig.os.copy_image
-    rig.os.copy_image = lambda s, d: (frozen.extend(rig.os.frozen), real_copy(s, d))[1]  # type: ignore[method-assign]
+    rig.os.copy_image = lambda s, d, **kw: (frozen.extend(rig.os.frozen), real_copy(s, d, **kw))[1]  # type: ignore[method-assign]
     rig.ctrl.CreateVolume(req, CTX)
     assert frozen == [staging], "the source filesystem is frozen while it is copied"
     assert rig.os.frozen == set()
