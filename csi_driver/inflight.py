@@ -5,7 +5,15 @@ With handler worker processes (csi_driver.workers) the set must hold across proc
 a key is also an open-file-description lock on one byte of a lock file in the data dir,
 the byte chosen by a 63-bit hash of the key. Such locks conflict between any two opens of
 the file, in one process or two, and the kernel drops them when the holder's descriptor
-is closed, a killed process included: a crash never leaves a key held."""
+is closed, a killed process included: a crash never leaves a key held.
+
+A descriptor is also shared, for a moment, by every child forked while it is open: a
+thread that spawns mkfs or cp forks a child that holds a copy of every descriptor of the
+process until it closes them before exec (close_fds; they are close-on-exec too). A key
+released by its own call in that moment stays locked by the child's copy, so a second
+process that finds a key locked by another process retries for GRACE_SECONDS before it
+answers ABORTED: the CO's next call of a lifecycle (NodePublishVolume right after
+NodeStageVolume) is not refused for a lock its own finished call left in a fork."""
 
 from __future__ import annotations
 
@@ -14,12 +22,17 @@ import fcntl
 import os
 import struct
 import threading
+import time
 from _blake2 import blake2b  # hashlib would also start OpenSSL: 0.5 MiB more in every process
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Aborted
+
+GRACE_SECONDS = 0.25
+"""How long a key locked by another process is retried: far longer than a fork's window
+before exec, far shorter than a CO's retry back-off."""
 
 LOCK_FILE = ".inflight.lock"
 """In the data dir; holds no data, only locks. Recovery and the orphan scan skip it."""
@@ -65,14 +78,23 @@ class InFlight:
     def _lock_across(self, keys: set[str]) -> int:
         assert self._path is not None
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        key = ""
+        deadline = time.monotonic() + GRACE_SECONDS
+        delay = 0.001
         try:
             for key in sorted(keys):
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _byte_of(key)))
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise Aborted(f"an operation on {key} is already in progress") from None
+                while True:
+                    try:
+                        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, _byte_of(key)))
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise Aborted(f"an operation on {key} is already in progress") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+        except BaseException:
+            os.close(fd)  # drops the keys taken so far
             raise
         return fd
 

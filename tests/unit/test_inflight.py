@@ -73,3 +73,44 @@ def test_without_a_lock_dir_keys_hold_in_this_process_only(tmp_path: Path) -> No
     with f.hold("vol:a"), pytest.raises(Aborted), f.hold("vol:a"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_left_in_a_forked_child_for_a_moment_is_taken_once_it_is_gone(tmp_path: Path) -> None:
+    """A child forked while a call held its key keeps a copy of the descriptor until it
+    closes it before exec; a second process waits that moment out instead of answering
+    ABORTED for a call that has already finished."""
+    holder = InFlight(tmp_path)
+    with holder.hold("vol:x"):
+        pid = os.fork()
+        if pid == 0:  # a child between fork and exec: it has the descriptor, for a moment
+            time.sleep(0.1)
+            os._exit(0)
+    try:
+        with InFlight(tmp_path).hold("vol:x"):  # another worker: the call that comes next
+            pass
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_key_held_longer_than_the_grace_is_refused(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            with InFlight(tmp_path).hold("vol:x"):
+                os.write(w, b"1")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"1"
+        start = time.monotonic()
+        with pytest.raises(Aborted, match="vol:x"), InFlight(tmp_path).hold("vol:x"):
+            pass
+        assert time.monotonic() - start >= 0.2  # it waited the grace out, then refused
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
