@@ -786,7 +786,7 @@ def cmd_node_label_group_snapshots(a: argparse.Namespace, api: Any = None) -> Ou
     previous = {s: signal.signal(s, labeller.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     stopped_by = ""
     try:
-        grouplabels.log.info("labelling %s %ss of %s held in %s with %s=%s", "unlabelled", grouplabels.KIND,
+        grouplabels.log.info("labelling unlabelled %ss of %s held in %s with %s=%s", grouplabels.KIND,
                              a.driver_name, data_dir, grouplabels.MANAGED_BY, a.node_name)
         labeller.run()
     except grouplabels.Terminated as t:
