@@ -11,8 +11,8 @@ VolumeGroupSnapshotContent one, line 285). snapshot-controller with
 creates (pkg/common-controller/snapshot_controller.go lines 762-771); the
 VolumeGroupSnapshotContent it creates carries no label at all
 (pkg/common-controller/groupsnapshot_controller_helper.go lines 1207-1219,
-createGroupSnapshotContent). The main branch is the same. So without this module no node
-takes a new group up and the VolumeGroupSnapshot stays pending.
+createGroupSnapshotContent). Its main branch (read at afb2f0d) is the same. So without
+this module no node takes a new group up and the VolumeGroupSnapshot stays pending.
 
 What it does. For every VolumeGroupSnapshotContent (groupsnapshot.storage.k8s.io/v1) whose
 `spec.driver` is this driver and that has no managed-by label, it looks (stat only, never
