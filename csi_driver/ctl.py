@@ -772,7 +772,7 @@ def cmd_node_label_group_snapshots(a: argparse.Namespace, api: Any = None) -> Ou
         try:
             done = [d.to_dict() for d in labeller.sweep()]
         except grouplabels.ApiError as exc:
-            raise Failure(f"Kubernetes API: {exc}") from None
+            raise Failure(f"Kubernetes API: {exc.explain()}") from None
         if a.output != "table":
             return Outcome(done)
         return Outcome(_table(done, ["content", "node", "reason"]) if done else

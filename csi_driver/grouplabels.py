@@ -87,6 +87,11 @@ class ApiError(Exception):
         super().__init__(f"{status}: {message}" if status else f"no answer: {message}")
         self.status = status
 
+    def explain(self) -> str:
+        """The error, with what a 404 on this resource usually means."""
+        hint = f" (is the {GROUP}/{VERSION} {KIND} CRD installed?)" if self.status == 404 else ""
+        return f"{self}{hint}"
+
 
 class Terminated(BaseException):
     """SIGTERM or SIGINT arrived. A BaseException so that no `except Exception` on the
@@ -309,10 +314,8 @@ class Labeller:
     def _log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
-        hint = (f" (is the {GROUP}/{VERSION} {KIND} CRD installed?)"
-                if isinstance(exc, ApiError) and exc.status == 404 else "")
-        log.warning("Kubernetes API: %s%s; trying again in %.1f s (attempt %d)", exc, hint, wait,
-                    state.attempt_number)
+        what = exc.explain() if isinstance(exc, ApiError) else str(exc)
+        log.warning("Kubernetes API: %s; trying again in %.1f s (attempt %d)", what, wait, state.attempt_number)
 
     def _wait(self, seconds: float) -> None:
         self.stop.wait(seconds)

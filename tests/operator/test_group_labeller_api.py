@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from csi_driver.grouplabels import GROUP, MANAGED_BY, PLURAL, VERSION
+from tests.operator.conftest import Ctl
 from tests.unit.test_group_labels import DRIVER, content, make_node
 
 Obj = dict[str, Any]
@@ -55,6 +57,8 @@ class FakeApi:
         self.refused: list[tuple[str, int]] = []
         self.steal: dict[str, str] = {}
         """name -> node: that node labels the object just before this patch is judged."""
+        self.served = True
+        """False: the resource is unknown (its CRD is not installed)."""
 
     def _bump(self, obj: Obj) -> Obj:
         self.version += 1
@@ -138,7 +142,7 @@ def handler_for(api: FakeApi) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            if url.path != PATH:
+            if url.path != PATH or not api.served:
                 self._send(404, status(404, "NotFound", "the server could not find the requested resource"))
                 return
             assert query.get("labelSelector") == f"!{MANAGED_BY}", query
@@ -279,3 +283,36 @@ def run_the_sidecar(api: FakeApi, kubeconfig: Path, data: Path, log: Path) -> No
         "c-listed", "c-added", "c-gap"]
     assert "stopped by SIGTERM after 3 label(s)" in lines[-1]
     assert not [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line], lines
+
+
+def test_once_reports_api_trouble_in_one_line(api_server: tuple[FakeApi, Path], tmp_path: Path,
+                                              run_ctl: Ctl) -> None:
+    """One pass (no --watch) that cannot list: the resource is not served, or nothing
+    answers. One line each, exit 1, nothing labelled."""
+    api, kubeconfig = api_server
+    node = make_node(tmp_path / "node-a", "vol-a")
+    api.add(content("c", volumes=["vol-a"]))
+    api.served = False
+    args = ["node", "label-group-snapshots", "--node-name", "node-a", "--data-dir", str(node.data),
+            "--kubeconfig", str(kubeconfig)]
+    missing = run_ctl(*args)
+    assert (missing.code, missing.out) == (1, "")
+    assert missing.err.splitlines() == [
+        "thinloopctl: Kubernetes API: 404: the server could not find the requested resource (is the "
+        "groupsnapshot.storage.k8s.io/v1 VolumeGroupSnapshotContent CRD installed?)"]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    closed = tmp_path / "closed-kubeconfig"
+    closed.write_text(kubeconfig.read_text().replace(kubeconfig_server(kubeconfig), f"http://127.0.0.1:{port}"))
+    nobody = run_ctl(*args[:-1], str(closed))
+    assert nobody.code == 1 and nobody.out == ""
+    assert len(nobody.err.splitlines()) == 1 and nobody.err.startswith("thinloopctl: Kubernetes API: no answer: ")
+    api.served = True
+    done = run_ctl(*args, "-o", "json")
+    assert (done.code, done.json()) == (0, [{"content": "c", "node": "node-a",
+                                              "reason": "its volume(s) vol-a are all here"}])
+
+
+def kubeconfig_server(kubeconfig: Path) -> str:
+    return str(yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"])

@@ -423,3 +423,16 @@ def test_ctl_watch_ends_cleanly_on_sigterm(node_a: GroupRig) -> None:
     assert out.value == {"labelled": [{"content": "mine", "node": "node-a",
                                        "reason": "its volume(s) vol-a are all here"}], "stopped_by": "SIGTERM"}
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_it_imports_nothing_of_the_csi_faces_or_the_server() -> None:
+    """The labeller sits beside the driver, over the store's layout only."""
+    import subprocess
+    code = ("import sys, csi_driver.grouplabels; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('csi_driver.'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split())
+    faces = {"identity", "controller", "node", "groupcontroller", "snapmeta", "validation", "server", "workers",
+             "metrics", "groupsnapshots", "snapshots", "volumes", "hostos", "linuxapi", "proto"}
+    assert not {m.split(".")[1] for m in loaded} & faces, loaded
+    assert "csi_driver.store" in loaded and "csi_driver.grouprecords" in loaded
