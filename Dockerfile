@@ -41,7 +41,8 @@ RUN apt-get update \
 COPY --from=build /wheels /wheels
 # The wheel's own dependencies (grpcio, protobuf, ...) are pinned by the
 # package metadata. The kube extra lets `thinloopctl node orphans`, run in the
-# node pod, read PersistentVolumes through the in-cluster config.
+# node pod, read PersistentVolumes through the in-cluster config, and runs the
+# group-snapshot-labeller sidecar (thinloopctl node label-group-snapshots).
 RUN pip install --no-cache-dir --no-index --find-links /wheels "thinloop[kube]==${VERSION}" \
  && rm -rf /wheels
 

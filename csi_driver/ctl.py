@@ -752,6 +752,56 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
     return Outcome(_table(docs, ["kind", "id", "deleted", "message"]), code)
 
 
+def cmd_node_label_group_snapshots(a: argparse.Namespace, api: Any = None) -> Outcome:
+    """`api`: a grouplabels.GroupContents to use instead of the cluster's (a seam for
+    tests); None reads the cluster."""
+    import logging
+    import signal
+
+    from . import grouplabels
+    from .logsetup import TextFormatter
+    data_dir = Path(a.data_dir)
+    grouplabels.check_settings(a.node_name, a.driver_name, data_dir)
+    if api is None:
+        try:
+            api = grouplabels.KubeGroupContents.connect(a.kubeconfig)
+        except ValueError as exc:
+            raise Failure(str(exc)) from None
+    labeller = grouplabels.Labeller(api, a.node_name, a.driver_name, grouplabels.NodeData(data_dir))
+    if not a.watch:
+        try:
+            done = [d.to_dict() for d in labeller.sweep()]
+        except grouplabels.ApiError as exc:
+            raise Failure(f"Kubernetes API: {exc.explain()}") from None
+        if a.output != "table":
+            return Outcome(done)
+        return Outcome(_table(done, ["content", "node", "reason"]) if done else
+                       f"nothing to label: no unlabelled {grouplabels.KIND} of {a.driver_name} is held here")
+    # The sidecar's log: one line per label applied, on stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger(grouplabels.log.name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    previous = {s: signal.signal(s, labeller.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopped_by = ""
+    try:
+        grouplabels.log.info("labelling unlabelled %ss of %s held in %s with %s=%s", grouplabels.KIND,
+                             a.driver_name, data_dir, grouplabels.MANAGED_BY, a.node_name)
+        labeller.run()
+    except grouplabels.Terminated as t:
+        stopped_by = signal.Signals(t.signum).name
+        grouplabels.log.info("stopped by %s after %d label(s)", stopped_by, len(labeller.labelled))
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        logger.removeHandler(handler)
+    summary = {"labelled": [d.to_dict() for d in labeller.labelled], "stopped_by": stopped_by}
+    return Outcome(summary if a.output != "table" else
+                   f"stopped{f' by {stopped_by}' if stopped_by else ''} after labelling "
+                   f"{len(labeller.labelled)} {grouplabels.KIND}(s)")
+
+
 def cmd_doctor(a: argparse.Namespace) -> Outcome:
     from . import doctor
 
@@ -972,6 +1022,23 @@ def build_parser() -> OneLineParser:
                     help="this node's id [default: the host name; env THINLOOP_NODE_ID or NODE_NAME]")
     sp.add_argument("--delete", action="store_true", help="remove what is not in use, after confirmation")
     sp.add_argument("--yes", "-y", action="store_true", help="with --delete: do not ask for confirmation")
+    sp = local("label-group-snapshots", cmd_node_label_group_snapshots,
+               "label this node's VolumeGroupSnapshotContents so its csi-snapshotter takes them",
+               "snapshot-controller (external-snapshotter v8.6.0) leaves a new VolumeGroupSnapshotContent "
+               "without the snapshot.storage.kubernetes.io/managed-by label that a csi-snapshotter run with "
+               "--node-deployment selects on. This labels each unlabelled content of --driver-name whose "
+               "volume that sorts first is in this node's data dir (pre-provisioned: whose group record, or "
+               "else first member snapshot, is here) with managed-by=--node-name, by a patch that names the "
+               "resourceVersion it judged, so two nodes never both label one. The data dir is only read. "
+               "Once, or with --watch until SIGTERM (the node pod's sidecar).")
+    sp.add_argument("--watch", action="store_true",
+                    help="keep watching and label each new content; one log line per label; "
+                    "exit 0 on SIGTERM or SIGINT")
+    sp.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
+                    help="this node's Kubernetes name, the label's value [default: env NODE_NAME]")
+    sp.add_argument("--driver-name", default=os.environ.get("THINLOOP_DRIVER_NAME", DEFAULT_DRIVER_NAME),
+                    help="label only contents of this CSI driver [default: %(default)s; env THINLOOP_DRIVER_NAME]")
+    sp.add_argument("--kubeconfig", default="", help="[default: in-cluster, else $KUBECONFIG or ~/.kube/config]")
 
     sp = command(sub, "doctor", "check that this node can run thinloop; a fix for each problem",
                  "Loop devices, tools and versions, kernel filesystems, capabilities, the data dir's "

@@ -28,6 +28,8 @@ from .manifests import (
 
 SOCKET_IN_POD = "/csi/csi.sock"
 SIDECARS = {"csi-provisioner", "csi-snapshotter", "csi-resizer", "node-driver-registrar", "liveness-probe"}
+LABELLER = "group-snapshot-labeller"
+"""The one sidecar that talks to the API server only, never to the driver's socket."""
 KUBELET_DIRS = {
     None: "/var/lib/kubelet",
     "microk8s": "/var/snap/microk8s/common/var/lib/kubelet",
@@ -188,7 +190,7 @@ def test_every_sidecar_talks_to_the_mounted_socket(base: list[Obj], chart: list[
             assert driver_endpoint == "unix://" + SOCKET_IN_POD
             driver_mount = next(m for m in cs["thinloop"]["volumeMounts"] if m["mountPath"] == "/csi")
             for cname, c in cs.items():
-                if cname == "thinloop":
+                if cname in ("thinloop", LABELLER):
                     continue
                 seen.add(cname)
                 assert flag(c, "--csi-address") == SOCKET_IN_POD, cname
@@ -196,6 +198,30 @@ def test_every_sidecar_talks_to_the_mounted_socket(base: list[Obj], chart: list[
                 assert mount["name"] == driver_mount["name"], cname
         assert seen == SIDECARS
         assert "csi-attacher" not in seen
+
+
+def test_group_snapshot_labeller(base: list[Obj], chart: list[Obj]) -> None:
+    """The sidecar runs thinloopctl's labeller, with arguments thinloopctl accepts, for
+    the driver's name, on this node (NODE_NAME from the downward API, as csi-snapshotter
+    gets it), over the driver's data dir mounted read-only, and nothing else."""
+    from csi_driver import ctl
+    for _, objs in all_renderings(base, chart):
+        ds = find(objs, "DaemonSet", "thinloop-node")
+        pod = ds["spec"]["template"]["spec"]
+        cs = containers(ds)
+        lab, driver = cs[LABELLER], cs["thinloop"]
+        assert lab["image"] == driver["image"] and lab["command"] == ["thinloopctl"]
+        args = ctl.build_parser().parse_args(lab["args"])
+        assert args.local is ctl.cmd_node_label_group_snapshots and args.watch is True
+        assert args.driver_name == flag(driver, "--driver-name") == DEFAULT_DRIVER_NAME
+        assert args.data_dir == flag(driver, "--data-dir")
+        assert host_path_of(pod, lab, args.data_dir) == host_path_of(pod, driver, args.data_dir)
+        assert lab["volumeMounts"] == [{"name": "data-dir", "mountPath": args.data_dir, "readOnly": True}]
+        assert lab["env"] == cs["csi-snapshotter"]["env"] == [
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+        assert lab["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                          "capabilities": {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]}}
+        assert "ports" not in lab and "livenessProbe" not in lab
 
 
 def test_sidecar_flags(base: list[Obj]) -> None:

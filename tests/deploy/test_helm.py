@@ -78,6 +78,7 @@ def test_chart_values_are_used() -> None:
     cs = containers(ds)
     assert cs["thinloop"]["image"] == "thinloop/thinloop-csi:9.9.9"
     assert "--driver-name=loop.example.org" in cs["thinloop"]["args"]
+    assert "--driver-name=loop.example.org" in cs["group-snapshot-labeller"]["args"]
     assert not any(a.startswith("--metrics-address") for a in cs["thinloop"]["args"])
     assert ("--kubelet-registration-path=$(KUBELET_DIR)/plugins/loop.example.org/csi.sock"
             in cs["node-driver-registrar"]["args"])
@@ -94,12 +95,15 @@ def test_chart_lints() -> None:
 
 def test_group_snapshots_can_be_switched_off() -> None:
     """On a cluster without the groupsnapshot.storage.k8s.io v1 CRDs the gate must be off
-    (csi-snapshotter would start no controller): no gate, no rules, no class."""
+    (csi-snapshotter would start no controller): no gate, no rules, no class, no
+    labeller."""
     on = render_chart()
     assert "--feature-gates=CSIVolumeGroupSnapshot=true" in containers(find(on, "DaemonSet"))["csi-snapshotter"]["args"]
     assert find(on, "VolumeGroupSnapshotClass")["driver"] == "thinloop.csi.io"
+    assert "group-snapshot-labeller" in containers(find(on, "DaemonSet"))
     off = render_chart({"groupSnapshots": {"enabled": False}})
     assert not [a for a in containers(find(off, "DaemonSet"))["csi-snapshotter"]["args"] if "feature-gates" in a]
+    assert "group-snapshot-labeller" not in containers(find(off, "DaemonSet"))
     assert not [o for o in off if o["kind"] == "VolumeGroupSnapshotClass"]
     assert "groupsnapshot.storage.k8s.io" not in yaml.safe_dump(off)
 

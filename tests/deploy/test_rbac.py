@@ -9,6 +9,10 @@ external-snapshotter v8.6.0), adjusted to how thinloop runs them:
 - --capacity-ownerref-level=1 reads only the pod (no replicasets);
 - csi-snapshotter runs with --feature-gates=CSIVolumeGroupSnapshot=true, so it
   has the groupsnapshot.storage.k8s.io rules of that RBAC.
+group-snapshot-labeller (thinloopctl node label-group-snapshots --watch,
+csi_driver/grouplabels.py) lists, watches and patches VolumeGroupSnapshotContents;
+those verbs are also csi-snapshotter's on the same ServiceAccount, so its own
+ClusterRole is checked by name as well.
 node-driver-registrar and livenessprobe use no API at all.
 """
 
@@ -74,9 +78,14 @@ REQUIRED: dict[str, dict[Scope, set[Rule]]] = {
         ),
         "namespace": rules("coordination.k8s.io", "leases", LEASES),
     },
+    "group-snapshot-labeller": {
+        "cluster": rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", ("list", "watch", "patch")),
+        "namespace": set(),
+    },
     "node-driver-registrar": {"cluster": set(), "namespace": set()},
     "liveness-probe": {"cluster": set(), "namespace": set()},
 }
+LABELLER_ROLE = "thinloop-group-snapshot-labeller"
 
 
 def expand_rule(rule: Obj) -> set[Rule]:
@@ -172,3 +181,16 @@ def test_check_catches_a_missing_verb(base: list[Obj]) -> None:
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
     with pytest.raises(AssertionError, match="no sidecar needs"):
         check(extra)
+
+
+def test_the_labeller_has_a_role_of_its_own(base: list[Obj], chart: list[Obj]) -> None:
+    """Exactly its rules, bound to the node pod's ServiceAccount: it must not lean on
+    csi-snapshotter's role, whose rules follow that sidecar's needs."""
+    for objs in (base, chart):
+        sa = sidecar_accounts(objs)["group-snapshot-labeller"]
+        binding = find(objs, "ClusterRoleBinding", LABELLER_ROLE)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                      "name": LABELLER_ROLE}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+        role = find(objs, "ClusterRole", LABELLER_ROLE)
+        assert set().union(*map(expand_rule, role["rules"])) == REQUIRED["group-snapshot-labeller"]["cluster"]
