@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOPOLOGY_KEY = "topology.thinloop.csi.io/node"
+DATASTORE_TOPOLOGY_KEY = "topology.thinloop.csi.io/datastore"
+"""Shared mode: volumes are reachable from every node that mounts the datastore."""
 DEFAULT_DRIVER_NAME = "thinloop.csi.io"
+SHARED_DRIVER_NAME = "shared.thinloop.csi.io"
+"""The default name in shared mode: its CSIDriver says attachRequired: true, so it is a
+second driver beside the node-local one."""
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 DEFAULT_ENDPOINT = "unix:///run/thinloop/csi.sock"
 DEFAULT_DATA_DIR = "/var/lib/thinloop"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
@@ -55,6 +61,11 @@ class Settings:
     workers: int = 0
     worker_idle_seconds: float = DEFAULT_WORKER_IDLE_SECONDS
     """Processes the Controller and Node calls run in; 0 runs them in the server's own."""
+    datastore: str = ""
+    """Shared mode when set: the name of the shared filesystem that holds the data dir
+    (the topology value of topology.thinloop.csi.io/datastore). Empty: node-local mode."""
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    """Shared mode: how often a node driver rewrites its record in the datastore."""
 
     @property
     def endpoint(self) -> str:
@@ -69,9 +80,22 @@ class Settings:
         return self.mode in ("all", "node")
 
     @property
+    def shared(self) -> bool:
+        """Images on a shared datastore, attached to one node at a time (ControllerPublish)."""
+        return bool(self.datastore)
+
+    @property
     def touches_files(self) -> bool:
-        """Controller-only mode must never touch volume files: they live on the nodes."""
-        return self.mode != "controller"
+        """Node-local controller-only mode must never touch volume files: they live on the
+        nodes. In shared mode the controller owns the datastore's files."""
+        return self.mode != "controller" or self.shared
+
+    @property
+    def topology(self) -> dict[str, str]:
+        """The accessible topology of this driver's volumes (and of its node)."""
+        if self.shared:
+            return {DATASTORE_TOPOLOGY_KEY: self.datastore}
+        return {TOPOLOGY_KEY: self.node_id}
 
 
 def socket_path_from_endpoint(endpoint: str) -> Path:
@@ -102,7 +126,8 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--node-id", default=env("NODE_ID", ""),
                    help="node identity (default: the host name)")
     p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR))
-    p.add_argument("--driver-name", default=env("DRIVER_NAME", DEFAULT_DRIVER_NAME))
+    p.add_argument("--driver-name", default=env("DRIVER_NAME", ""),
+                   help=f"default {DEFAULT_DRIVER_NAME}, or {SHARED_DRIVER_NAME} with --datastore")
     p.add_argument("--mode", default=env("MODE", "all"), help="all | controller | node")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--log-format", default=env("LOG_FORMAT", "text"), help="text | json")
@@ -118,6 +143,12 @@ def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--worker-idle-seconds",
                    default=env("WORKER_IDLE_SECONDS", str(DEFAULT_WORKER_IDLE_SECONDS)),
                    help="a worker process with no call for this long exits (its memory goes back)")
+    p.add_argument("--datastore", default=env("DATASTORE", ""),
+                   help="shared mode: the name of the shared filesystem mounted at --data-dir on "
+                   "every node and the controller (volumes move between nodes; attach is fenced)")
+    p.add_argument("--heartbeat-seconds",
+                   default=env("HEARTBEAT_SECONDS", str(DEFAULT_HEARTBEAT_SECONDS)),
+                   help="shared mode: how often a node driver rewrites its record in the datastore")
     return p
 
 
@@ -165,7 +196,17 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     kubelet_dir = Path(ns.kubelet_dir)
     if not kubelet_dir.is_absolute():
         raise SettingsError(f"--kubelet-dir {ns.kubelet_dir!r}: must be an absolute path")
-    driver_name = ns.driver_name
+    datastore = ns.datastore
+    if datastore and not _valid_label_value(datastore):
+        raise SettingsError(f"--datastore {datastore!r}: must be 1-63 letters, digits, '-', '_' or '.', "
+                            "starting and ending with a letter or digit (it is a topology label value)")
+    try:
+        heartbeat = float(ns.heartbeat_seconds)
+    except ValueError:
+        raise SettingsError(f"--heartbeat-seconds {ns.heartbeat_seconds!r}: not a number") from None
+    if not 0.1 <= heartbeat <= 3600:
+        raise SettingsError(f"--heartbeat-seconds {ns.heartbeat_seconds!r}: must be between 0.1 and 3600")
+    driver_name = ns.driver_name or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
     if not _valid_driver_name(driver_name):
         raise SettingsError(f"--driver-name {driver_name!r}: must be a DNS-style name of at most 63 characters")
     node_id = ns.node_id or socket.gethostname()
@@ -185,6 +226,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         metrics_address=ns.metrics_address,
         workers=workers,
         worker_idle_seconds=idle,
+        datastore=datastore,
+        heartbeat_seconds=heartbeat,
     )
 
 
@@ -192,3 +235,10 @@ def _valid_driver_name(name: str) -> bool:
     if not name or len(name) > 63 or not name[0].isalnum() or not name[-1].isalnum():
         return False
     return all((c.isalnum() and c.isascii()) or c in "-." for c in name)
+
+
+def _valid_label_value(value: str) -> bool:
+    """A Kubernetes label value (the datastore name is one, as a topology value)."""
+    if not value or len(value) > 63 or not value[0].isalnum() or not value[-1].isalnum():
+        return False
+    return all((c.isalnum() and c.isascii()) or c in "-_." for c in value)

@@ -292,6 +292,37 @@ class HostOS:
                 return dev
             raise last or CommandError(["losetup", image_path], errno.EBUSY, "no free loop device")
 
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool) -> LoopDevice:
+        """Attach a loop device to the open file `fd` (of `image`) itself, so that locks
+        taken through that open file last as long as the device (csi_driver.imagelock).
+        Never falls back to losetup, which would open the file again, without the lock.
+        Direct I/O refused by the kernel (EINVAL) is retried buffered, on the same open
+        file with O_DIRECT cleared."""
+        image_path = real_path(image)
+        block_size = self.sector_size if self.sector_size > 512 else 0
+        with baton.locked(self._attach_lock):
+            last: linuxapi.SyscallError | None = None
+            for _ in range(_ATTACH_RETRIES):
+                device = self._ensure_node(self._free_loop_index())
+                try:
+                    linuxapi.loop_configure_fd(device, fd, image_path, readonly=readonly,
+                                               direct_io=direct_io, block_size=block_size)
+                except linuxapi.SyscallError as exc:
+                    last = exc
+                    if exc.errno == errno.EBUSY:
+                        continue  # another process took this device first
+                    if direct_io and exc.errno == errno.EINVAL:
+                        log.warning("direct I/O refused for %s; using buffered I/O", image_path)
+                        direct_io = False
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                        continue
+                    raise
+                dev = self._read_loop(Path(device).name)
+                if dev is None:
+                    continue
+                return dev
+            raise last or CommandError(["LOOP_CONFIGURE", image_path], errno.EBUSY, "no free loop device")
+
     def _bind_loop(self, device: str, image: str, *, readonly: bool, direct_io: bool) -> None:
         """LOOP_CONFIGURE; losetup when the kernel refuses it for any reason but a race
         (older kernels, O_DIRECT refused by the backing filesystem): util-linux knows

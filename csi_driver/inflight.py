@@ -35,10 +35,10 @@ def _flock(kind: int, start: int) -> bytes:
 
 
 class InFlight:
-    def __init__(self, lock_dir: Path | None = None) -> None:
+    def __init__(self, lock_dir: Path | None = None, name: str = LOCK_FILE) -> None:
         self._lock = threading.Lock()
         self._keys: set[str] = set()
-        self._path = str(lock_dir / LOCK_FILE) if lock_dir is not None else None
+        self._path = str(lock_dir / name) if lock_dir is not None else None
         if self._path is not None:  # made once at start-up: a refused call changes nothing on disk
             os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
 

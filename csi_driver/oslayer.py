@@ -94,6 +94,10 @@ class OSLayer(Protocol):
 
     def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice: ...
 
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool) -> LoopDevice:
+        """Attach the open file fd itself (the device keeps it, and its locks)."""
+        ...
+
     def detach_loop(self, device: str) -> None: ...
 
     def refresh_loop(self, device: str) -> None:

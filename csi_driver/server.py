@@ -21,7 +21,10 @@ import grpc
 from . import baton
 from .config import Settings
 from .controller import ControllerService
+from .datastore import Datastore, DatastoreError, Heartbeat, NodeRecord, check_marker
+from .dscaps import Capabilities
 from .errors import status_of
+from .fencing import NodeFences
 from .hostos import HostOS, sector_size_for
 from .identity import IdentityService
 from .inflight import InFlight
@@ -140,25 +143,85 @@ class Driver:
     observers: list[Observer] = field(default_factory=list)
     pool: WorkerPool | None = None
     """Handler worker processes, when the Controller and Node calls run in them."""
+    datastore: Datastore | None = None
+    """Shared mode: the datastore's records."""
+    caps: Capabilities | None = None
+    """Shared mode: what the datastore's filesystem can do (probed at start-up)."""
+    heartbeat: Heartbeat | None = None
+    """Shared mode, node: this node's registration in the datastore."""
+    fenced: dict[str, str] = field(default_factory=dict)
+    """Shared mode, node: volumes recovery found attached here but held or owned elsewhere
+    too (a split brain in the making), with the reason; the node refuses to serve them."""
+    fences: NodeFences | None = None
+    """Shared mode, node: what start-up recovery found about the image locks."""
 
     @classmethod
     def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
+        """Everything the settings call for. Shared mode checks the datastore's marker and
+        probes its filesystem here: DatastoreError when it cannot be used."""
         if not settings.touches_files:
             return cls(settings, InFlight(), None, None, None, None)
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        inflight = InFlight(settings.data_dir)  # holds across worker processes too
+        datastore = caps = None
+        if settings.shared:
+            from . import dscaps
+            done = check_marker(settings.data_dir, settings.datastore, may_create=settings.runs_controller,
+                                creator=settings.node_id)
+            if done:
+                startlog.info("%s", done)
+            datastore = Datastore.open(settings.datastore, settings.data_dir)
+            caps = dscaps.probe(settings.data_dir, datastore.nodes if settings.runs_node else None,
+                                settings.node_id)
+            dscaps.report(caps, settings.datastore)
+            # Many drivers share this data dir: keys in flight are this driver's own.
+            inflight = InFlight(settings.socket_path.parent, f".{settings.socket_path.name}.inflight")
+        else:
+            inflight = InFlight(settings.data_dir)  # holds across worker processes too
         os_layer = oslayer or HostOS(sector_size=sector_size_for(settings.data_dir))
         store = Store(settings.data_dir)
-        volumes = Volumes(settings, store, os_layer)
-        return cls(settings, inflight, os_layer, store, volumes, Snapshots(store, volumes))
+        volumes = Volumes(settings, store, os_layer, datastore, caps)
+        return cls(settings, inflight, os_layer, store, volumes, Snapshots(store, volumes),
+                   datastore=datastore, caps=caps)
 
     def recover(self) -> list[str]:
-        """Finish or remove what interrupted operations left behind; log each action."""
+        """Finish or remove what interrupted operations left behind; log each action.
+        Shared mode: leftovers of the controller's operations are the controller's to clear
+        (a node must not remove what a controller is building); a node registers itself
+        and checks the lock of every image it has attached before it serves anything."""
         if self.store is None:
             return []
-        actions = self.store.recover() + self.thaw_frozen()
+        shared = self.settings.shared
+        actions = []
+        if not shared or self.settings.runs_controller:
+            actions += self.store.recover()
+        if not shared or self.settings.runs_node:
+            actions += self.thaw_frozen()
+        if shared and self.settings.runs_node:
+            actions += self.register_node() + self.recover_fences()
         for action in actions:
             startlog.info("recovery: %s", action)
+        return actions
+
+    def register_node(self) -> list[str]:
+        """Claim this node id in the datastore (refused while another driver holds it) and
+        write the node's record; the heartbeat thread starts once serving."""
+        assert self.datastore is not None
+        record = NodeRecord(self.settings.node_id, self.settings.datastore,
+                            interval=self.settings.heartbeat_seconds,
+                            max_volumes_per_node=self.settings.max_volumes_per_node)
+        self.heartbeat = Heartbeat(self.datastore.nodes, record)
+        self.heartbeat.register()
+        return [f"registered node {self.settings.node_id} in datastore {self.settings.datastore}"]
+
+    def recover_fences(self) -> list[str]:
+        """The image lock of every loop device here backed by the datastore (fencing.py)."""
+        assert self.datastore is not None and self.oslayer is not None and self.store is not None
+        assert self.heartbeat is not None
+        fences = NodeFences(self.settings.node_id, self.datastore, self.store, self.oslayer)
+        actions = fences.recover()
+        self.fenced.update(fences.fenced)
+        self.heartbeat.on_beat.append(fences.release_retaken)
+        self.fences = fences
         return actions
 
     def thaw_frozen(self) -> list[str]:
@@ -192,7 +255,7 @@ class Driver:
         if self.settings.runs_controller:
             out["Controller"] = ControllerService(self.settings, self.volumes, self.snapshots, self.inflight)
         if self.settings.runs_node and self.volumes is not None:
-            out["Node"] = NodeService(self.settings, self.volumes, self.inflight)
+            out["Node"] = NodeService(self.settings, self.volumes, self.inflight, self.fenced)
         return out
 
     def start_workers(self, count: int) -> None:
@@ -264,13 +327,20 @@ def serve(settings: Settings, driver: Driver | None = None,
     """Run until SIGTERM/SIGINT; return the process exit code."""
     path = str(settings.socket_path)
     prepare_socket(path)
-    driver = driver or Driver.build(settings)
-    recovered = driver.recover()
+    try:
+        driver = driver or Driver.build(settings)
+        recovered = driver.recover()
+    except DatastoreError as exc:
+        raise StartupError(str(exc)) from None
     if settings.workers and driver.volumes is not None and driver.pool is None:
         driver.start_workers(settings.workers)  # before any thread starts: it forks
+    if driver.heartbeat is not None:
+        driver.heartbeat.start()
     try:
         return _serve(settings, driver, recovered, ready)
     finally:
+        if driver.heartbeat is not None:
+            driver.heartbeat.stop()
         if driver.pool is not None:
             driver.pool.close()
 
@@ -303,8 +373,9 @@ def _serve(settings: Settings, driver: Driver, recovered: list[str],
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    startlog.info("serving %s on %s (mode %s, node %s, data dir %s)", settings.driver_name, path,
-                  settings.mode, settings.node_id, settings.data_dir)
+    startlog.info("serving %s on %s (mode %s, node %s, data dir %s%s)", settings.driver_name, path,
+                  settings.mode, settings.node_id, settings.data_dir,
+                  f", datastore {settings.datastore}" if settings.shared else "")
     if ready is not None:
         ready.set()
     stop.wait()

@@ -11,14 +11,20 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import baton, failpoints
+from . import baton, failpoints, imagelock
 from .config import Settings
+from .datastore import Datastore, Holder
+from .dscaps import Capabilities
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
 from .validation import VolumeParams
 
 log = logging.getLogger(__name__)
+
+LOCK_WAIT_SECONDS = 2.0
+"""Shared mode: how long NodeStageVolume retries an image lock that another client holds
+(one just let go of can take a moment to reach the datastore's server)."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +86,34 @@ def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
 
 
 class Volumes:
-    def __init__(self, settings: Settings, store: Store, oslayer: OSLayer) -> None:
+    def __init__(self, settings: Settings, store: Store, oslayer: OSLayer,
+                 datastore: Datastore | None = None, caps: Capabilities | None = None) -> None:
         self.settings = settings
         self.store = store
         self.os = oslayer
+        self.datastore = datastore
+        """Shared mode: the datastore's records; images are then attached under a lock."""
+        self.caps = caps
+        """Shared mode: what the datastore's filesystem can do (None: assume everything)."""
+
+    @property
+    def where(self) -> str:
+        """Where this driver's volumes live, for messages."""
+        if self.datastore is not None:
+            return f"datastore {self.datastore.name}"
+        return f"node {self.settings.node_id}"
+
+    @property
+    def can_discard(self) -> bool:
+        """Online discard can give space back (the datastore punches holes)."""
+        return self.caps is None or bool(self.caps.punch_hole)
 
     # -- lookup -------------------------------------------------------------------------
 
     def get(self, volume_id: str) -> Entry:
         entry = self.store.volumes.get(volume_id)
         if entry is None:
-            raise NotFound(f"volume {volume_id} does not exist on node {self.settings.node_id}")
+            raise NotFound(f"volume {volume_id} does not exist in {self.where}")
         return entry
 
     def usage(self, entry: Entry, view: HostView | None = None) -> Usage:
@@ -159,8 +182,17 @@ class Volumes:
         """Copy the source's image with its filesystem frozen when it is mounted, so the
         copy is filesystem-consistent; then make the copy durable. (A volume in use as a
         raw block device cannot be frozen: its copy is only as consistent as the writer
-        makes it; the README says so.)"""
-        frozen = self.fs_mount_point(self.usage(source))
+        makes it; the README says so.) Shared mode: a volume attached read-write on
+        another node cannot be frozen from here, so it is not copied (FAILED_PRECONDITION)."""
+        usage = self.usage(source)
+        frozen = self.fs_mount_point(usage)
+        if self.datastore is not None and usage.loop is None and \
+                imagelock.path_lock_state(source.image) == imagelock.EXCLUSIVE:
+            held = self.datastore.holders.describe(source.id) or "another node"
+            raise FailedPrecondition(
+                f"volume {source.id} is attached read-write on {held}: its filesystem can only be "
+                "frozen there, so a copy taken now would not be consistent; snapshot or clone it "
+                "while it is detached or attached read-only")
         if frozen:
             self.os.freeze(frozen)
         try:
@@ -193,13 +225,59 @@ class Volumes:
 
     # -- node-side helpers --------------------------------------------------------------
 
-    def attach(self, entry: Entry, *, readonly: bool) -> tuple[LoopDevice, bool]:
+    def attach(self, entry: Entry, *, readonly: bool, generation: int = 0) -> tuple[LoopDevice, bool]:
         """The loop device of this image, attaching one if there is none.
-        Returns (device, newly_attached)."""
+        Returns (device, newly_attached). Shared mode: see attach_fenced."""
         loop = self.os.find_loop(entry.image)
         if loop is not None:
             return loop, False
-        return self.os.attach_loop(entry.image, readonly=readonly), True
+        if self.datastore is None:
+            return self.os.attach_loop(entry.image, readonly=readonly), True
+        return self.attach_fenced(entry, readonly, generation), True
+
+    def attach_fenced(self, entry: Entry, readonly: bool, generation: int) -> LoopDevice:
+        """Lock the whole image through the datastore (exclusive, or shared for read-only)
+        on one open of it, and give the loop device that very open file: the lock then
+        lasts as long as the device is attached (csi_driver.imagelock). Another client's
+        lock refuses it: FAILED_PRECONDITION naming the holder as far as the records know.
+        Then record this node as a holder."""
+        assert self.datastore is not None
+        direct = self.caps is None or bool(self.caps.o_direct)
+        try:
+            fd = imagelock.open_locked(entry.image, readonly=readonly, direct=direct, wait=LOCK_WAIT_SECONDS)
+        except imagelock.LockHeld:
+            raise FailedPrecondition(self._held_message(entry.id)) from None
+        try:
+            loop = self.os.attach_loop_fd(fd, entry.image, readonly=readonly, direct_io=direct)
+        finally:
+            os.close(fd)
+        try:
+            self.datastore.holders.put(Holder(entry.id, self.settings.node_id, readonly, generation,
+                                              time.time(), loop.device))
+        except BaseException:
+            self.os.detach_loop(loop.device)
+            raise
+        return loop
+
+    def _held_message(self, volume_id: str) -> str:
+        assert self.datastore is not None
+        others = self.datastore.holders.describe(volume_id, but=self.settings.node_id)
+        if others:
+            who = others
+        elif self.datastore.holders.describe(volume_id):
+            who = ("this node's driver itself (a lock re-taken at start-up for a device that has "
+                   "since gone; it is let go within one heartbeat)")
+        else:
+            who = "a client the records do not name"
+        return (f"volume {volume_id}'s image is locked through the datastore by {who}: it is still "
+                "attached there. It can be staged here once that node detaches it, or once that "
+                "node's datastore client is gone (node fenced)")
+
+    def detach(self, volume_id: str | None, loop: LoopDevice) -> None:
+        """Detach the device; in shared mode also drop this node's holder record."""
+        self.os.detach_loop(loop.device)
+        if self.datastore is not None and volume_id is not None:
+            self.datastore.holders.remove(volume_id, self.settings.node_id)
 
     def ensure_filesystem(self, entry: Entry, loop: LoopDevice, requested: str) -> str:
         """The filesystem on the device. Makes one only when blkid finds none and the
@@ -231,12 +309,12 @@ class Volumes:
                 "it will not be reformatted")
         return found
 
-    def detach_if_unused(self, loop: LoopDevice) -> None:
+    def detach_if_unused(self, loop: LoopDevice, volume_id: str | None = None) -> None:
         still = device_mounts(self.os.mounts(), loop)
         if still:
             raise FailedPrecondition(
                 f"{loop.device} is still mounted at {', '.join(m.mount_point for m in still)}")
-        self.os.detach_loop(loop.device)
+        self.detach(volume_id, loop)
 
     def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""
@@ -270,8 +348,26 @@ class Volumes:
         inside = [m.mount_point for m in self.os.mounts() if m.mount_point.startswith(prefix)]
         if inside:
             raise FailedPrecondition(f"volume {entry.id} has mounts inside its directory: {inside}")
-        self.store.volumes.delete(entry.id)
+        if self.datastore is None:
+            self.store.volumes.delete(entry.id)
+        else:
+            # Under the record's lock, which ControllerPublishVolume also holds: a publish
+            # on another controller either comes first (and this refuses) or finds it gone.
+            with self.datastore.attachments.hold(entry.id):
+                self._check_unattached(entry)
+                self.store.volumes.delete(entry.id)
+                self.datastore.forget_volume(entry.id)
         log.info("deleted volume %s", entry.id)
+
+    def _check_unattached(self, entry: Entry) -> None:
+        """Shared mode: not published to any node, and no client holds its image."""
+        assert self.datastore is not None
+        published = self.datastore.attachments.published_nodes(entry.id)
+        if published:
+            raise FailedPrecondition(f"volume {entry.id} is published to node(s) {', '.join(published)}: "
+                                     "ControllerUnpublishVolume first")
+        if imagelock.path_lock_state(entry.image) != imagelock.FREE:
+            raise FailedPrecondition(f"volume {entry.id} is in use: {self._held_message(entry.id)}")
 
     def fs_mount(self, usage: Usage) -> MountEntry | None:
         """The mount of the volume's own filesystem (not a bind of it), if any."""

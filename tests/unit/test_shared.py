@@ -1,0 +1,538 @@
+"""Shared mode on a plain shared directory with the fake OS layer: the datastore's records
+(marker, node registry, attachments, holders), attach fencing with real byte-range locks on
+real files, and start-up recovery of the image locks. GlusterFS tests: tests/shared/."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from csi_driver import dscaps, imagelock
+from csi_driver.config import DATASTORE_TOPOLOGY_KEY, SHARED_DRIVER_NAME, Settings, SettingsError, parse_settings
+from csi_driver.controller import ControllerService
+from csi_driver.datastore import (
+    ATTACHMENT_KEY,
+    GENERATION_KEY,
+    Attachments,
+    DatastoreError,
+    Heartbeat,
+    NodeRecord,
+    NodeRegistry,
+    check_marker,
+)
+from csi_driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+)
+from csi_driver.fencing import NodeFences
+from csi_driver.identity import IdentityService
+from csi_driver.node import NodeService
+from csi_driver.proto import csi_pb2
+from csi_driver.server import Driver
+from tests.fakeos import FakeOS
+from tests.helpers import MIB, cap_for
+
+CTX: Any = None
+Mode = csi_pb2.VolumeCapability.AccessMode
+Cap = csi_pb2.ControllerServiceCapability.RPC.Type
+
+
+class SharedRig:
+    """One driver (controller and/or node) over a shared data dir."""
+
+    def __init__(self, tmp: Path, data: Path, node_id: str, mode: str = "all", max_volumes: int = 0) -> None:
+        self.kubelet = tmp / f"kubelet-{node_id}"
+        self.kubelet.mkdir(exist_ok=True)
+        (tmp / f"run-{node_id}").mkdir(exist_ok=True)
+        self.settings = Settings(socket_path=tmp / f"run-{node_id}" / "csi.sock", node_id=node_id, data_dir=data,
+                                 kubelet_dir=self.kubelet, mode=mode, datastore="ds1",
+                                 driver_name=SHARED_DRIVER_NAME, max_volumes_per_node=max_volumes)
+        self.os = FakeOS()
+        self.driver = Driver.build(self.settings, oslayer=self.os)
+        self.driver.recover()
+        assert self.driver.volumes is not None
+        self.ctrl = ControllerService(self.settings, self.driver.volumes, self.driver.snapshots, self.driver.inflight)
+        self.node = NodeService(self.settings, self.driver.volumes, self.driver.inflight, self.driver.fenced)
+        self.ident = IdentityService(self.settings, self.os)
+
+    def close(self) -> None:
+        if self.driver.heartbeat is not None:
+            self.driver.heartbeat.stop()
+
+    def create(self, name: str, size: int = 64 * MIB, fs: str = "ext4") -> csi_pb2.Volume:
+        return self.ctrl.CreateVolume(csi_pb2.CreateVolumeRequest(
+            name=name, volume_capabilities=[cap_for(fs)],
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size)), CTX).volume
+
+    def publish(self, vid: str, node: str, *, readonly: bool = False, mode: int = Mode.SINGLE_NODE_WRITER,
+                fs: str = "ext4") -> dict[str, str]:
+        cap = cap_for(fs)
+        cap.access_mode.mode = mode  # type: ignore[assignment]
+        resp = self.ctrl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=node, volume_capability=cap, readonly=readonly), CTX)
+        return dict(resp.publish_context)
+
+    def unpublish(self, vid: str, node: str) -> None:
+        self.ctrl.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=node), CTX)
+
+    def staging(self, vid: str) -> str:
+        return str(self.kubelet / "st" / vid)
+
+    def stage(self, vid: str, token: dict[str, str], mode: int = Mode.SINGLE_NODE_WRITER, fs: str = "ext4") -> None:
+        cap = cap_for(fs)
+        cap.access_mode.mode = mode  # type: ignore[assignment]
+        self.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=self.staging(vid), volume_capability=cap,
+            publish_context=token), CTX)
+
+    def unstage(self, vid: str) -> None:
+        self.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=self.staging(vid)), CTX)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "datastore"
+
+
+@pytest.fixture
+def rigs(tmp_path: Path, data: Path) -> Iterator[dict[str, SharedRig]]:
+    """A controller ("ctl", mode controller) and two nodes a and b over one data dir."""
+    made: dict[str, SharedRig] = {}
+    try:
+        made["ctl"] = SharedRig(tmp_path, data, "ctl", mode="controller")
+        made["a"] = SharedRig(tmp_path, data, "a", mode="node")
+        made["b"] = SharedRig(tmp_path, data, "b", mode="node")
+        yield made
+    finally:
+        for r in made.values():
+            r.close()
+
+
+def image_lock(data: Path, vid: str) -> str:
+    return imagelock.path_lock_state(data / "volumes" / vid / "disk.img")
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+def test_datastore_flag_selects_shared_mode_and_its_driver_name() -> None:
+    s = parse_settings(["--node-id", "n", "--datastore", "gluster-1"], {})
+    assert s.shared and s.driver_name == SHARED_DRIVER_NAME
+    assert s.topology == {DATASTORE_TOPOLOGY_KEY: "gluster-1"}
+    assert s.touches_files and parse_settings(["--node-id", "n", "--datastore", "x", "--mode", "controller"],
+                                              {}).touches_files
+    local = parse_settings(["--node-id", "n"], {})
+    assert not local.shared and local.driver_name == "thinloop.csi.io"
+    assert parse_settings(["--node-id", "n", "--datastore", "d", "--driver-name", "x.io"], {}).driver_name == "x.io"
+    assert parse_settings(["--node-id", "n"], {"THINLOOP_DATASTORE": "d"}).datastore == "d"
+
+
+@pytest.mark.parametrize("argv", [["--datastore=-bad"], ["--datastore", "a/b"], ["--datastore", "x" * 64],
+                                  ["--heartbeat-seconds", "0"], ["--heartbeat-seconds", "soon"]])
+def test_bad_datastore_settings_are_one_line_errors(argv: list[str]) -> None:
+    with pytest.raises(SettingsError, match=argv[0].split("=")[0]):
+        parse_settings(["--node-id", "n", *argv], {})
+
+
+# -- marker and registration ---------------------------------------------------------------------
+
+def test_marker_made_by_the_controller_checked_by_everyone(data: Path) -> None:
+    with pytest.raises(DatastoreError, match="not mounted there"):
+        check_marker(data, "ds1", may_create=False, creator="n")
+    assert "made" in check_marker(data, "ds1", may_create=True, creator="ctl")
+    assert check_marker(data, "ds1", may_create=True, creator="ctl") == ""
+    assert check_marker(data, "ds1", may_create=False, creator="n") == ""
+    with pytest.raises(DatastoreError, match="is datastore 'ds1'"):
+        check_marker(data, "ds2", may_create=True, creator="ctl")
+
+
+def test_controller_refuses_to_claim_a_data_dir_with_volumes_and_no_marker(tmp_path: Path) -> None:
+    (tmp_path / "volumes" / "v1").mkdir(parents=True)
+    with pytest.raises(DatastoreError, match="holds volumes"):
+        check_marker(tmp_path, "ds1", may_create=True, creator="ctl")
+    assert not (tmp_path / "datastore.json").exists()
+
+
+def test_node_driver_refuses_to_start_without_the_marker(tmp_path: Path, data: Path) -> None:
+    with pytest.raises(DatastoreError, match="controller makes the marker"):
+        SharedRig(tmp_path, data, "a", mode="node")
+
+
+def test_two_drivers_with_one_node_id_the_second_is_refused(tmp_path: Path, data: Path) -> None:
+    first = SharedRig(tmp_path, data, "a")
+    try:
+        (tmp_path / "second").mkdir()
+        with pytest.raises(DatastoreError, match="another driver with node id 'a'"):
+            SharedRig(tmp_path / "second", data, "a")
+    finally:
+        first.close()
+    again = SharedRig(tmp_path, data, "a")  # let go at a graceful stop
+    again.close()
+    assert NodeRegistry(data).get("a").state == "stopped"  # type: ignore[union-attr]
+
+
+def test_heartbeat_rewrites_the_record_and_the_lock_is_visible(data: Path) -> None:
+    data.mkdir()
+    reg = NodeRegistry(data)
+    hb = Heartbeat(reg, NodeRecord("n1", "ds1", interval=0.05))
+    hb.register()
+    try:
+        first = reg.get("n1")
+        assert first is not None and first.fresh() and first.pid == os.getpid()
+        assert reg.lock_state("n1") == imagelock.EXCLUSIVE
+        hb.start()
+        for _ in range(200):
+            now = reg.get("n1")
+            if now is not None and now.beats >= 2:
+                break
+            threading.Event().wait(0.02)
+        assert now is not None and now.beats >= 2
+    finally:
+        hb.stop()
+    assert reg.lock_state("n1") == imagelock.FREE
+
+
+# -- attach fencing -----------------------------------------------------------------------------------
+
+def test_shared_capabilities_and_topology(rigs: dict[str, SharedRig]) -> None:
+    caps = {c.rpc.type for c in rigs["ctl"].ctrl.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest(), CTX).capabilities}
+    assert {Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY, Cap.LIST_VOLUMES_PUBLISHED_NODES,
+            Cap.GET_VOLUME, Cap.EXPAND_VOLUME, Cap.CREATE_DELETE_SNAPSHOT} <= caps
+    vol = rigs["ctl"].create("v1")
+    assert dict(vol.accessible_topology[0].segments) == {DATASTORE_TOPOLOGY_KEY: "ds1"}
+    info = rigs["a"].node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), CTX)
+    assert info.node_id == "a" and dict(info.accessible_topology.segments) == {DATASTORE_TOPOLOGY_KEY: "ds1"}
+    other = csi_pb2.GetCapacityRequest(accessible_topology=csi_pb2.Topology(segments={DATASTORE_TOPOLOGY_KEY: "x"}))
+    assert rigs["ctl"].ctrl.GetCapacity(other, CTX).available_capacity == 0
+    assert rigs["ctl"].ctrl.GetCapacity(csi_pb2.GetCapacityRequest(), CTX).available_capacity > 0
+
+
+def test_node_without_the_datastore_reports_no_topology_and_not_ready(rigs: dict[str, SharedRig], data: Path) -> None:
+    assert rigs["a"].ident.Probe(csi_pb2.ProbeRequest(), CTX).ready.value
+    (data / "datastore.json").rename(data / "moved.json")
+    info = rigs["a"].node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), CTX)
+    assert info.node_id == "a" and not info.accessible_topology.segments
+    assert not rigs["a"].ident.Probe(csi_pb2.ProbeRequest(), CTX).ready.value
+
+
+def test_publish_rules(rigs: dict[str, SharedRig]) -> None:
+    ctl = rigs["ctl"]
+    ctl.create("v1")
+    with pytest.raises(NotFound, match="not registered"):
+        ctl.publish("v1", "nobody")
+    with pytest.raises(NotFound, match="does not exist"):
+        ctl.publish("ghost", "a")
+    token = ctl.publish("v1", "a")
+    assert token[GENERATION_KEY] == "1" and token[ATTACHMENT_KEY]
+    assert ctl.publish("v1", "a") == token  # idempotent
+    with pytest.raises(AlreadyExists):
+        ctl.publish("v1", "a", readonly=True)
+    with pytest.raises(FailedPrecondition, match="attached to a"):
+        ctl.publish("v1", "b")
+    listed = ctl.ctrl.ListVolumes(csi_pb2.ListVolumesRequest(), CTX).entries[0]
+    assert list(listed.status.published_node_ids) == ["a"]
+    got = ctl.ctrl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id="v1"), CTX)
+    assert list(got.status.published_node_ids) == ["a"]
+    ctl.unpublish("v1", "a")
+    ctl.unpublish("v1", "a")  # idempotent
+    ctl.unpublish("ghost", "a")
+    moved = ctl.publish("v1", "b")
+    assert int(moved[GENERATION_KEY]) > int(token[GENERATION_KEY])
+    with pytest.raises(InvalidArgument):
+        ctl.ctrl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(volume_id="v1", node_id="a"), CTX)
+
+
+def test_many_readers_never_beside_a_writer(rigs: dict[str, SharedRig]) -> None:
+    ctl = rigs["ctl"]
+    ctl.create("v1")
+    ra = ctl.publish("v1", "a", mode=Mode.MULTI_NODE_READER_ONLY)
+    rb = ctl.publish("v1", "b", mode=Mode.MULTI_NODE_READER_ONLY)
+    assert ra != rb
+    NodeRegistry(ctl.settings.data_dir).write(NodeRecord("c", "ds1"))
+    with pytest.raises(FailedPrecondition, match="one node at a time"):
+        ctl.publish("v1", "c")
+    # read-only stages take shared locks: both nodes hold the image at once
+    rigs["a"].stage("v1", ra, mode=Mode.MULTI_NODE_READER_ONLY)
+    rigs["b"].stage("v1", rb, mode=Mode.MULTI_NODE_READER_ONLY)
+    assert image_lock(rigs["a"].settings.data_dir, "v1") == imagelock.SHARED
+    assert all(rigs[n].os.readonly for n in "ab")  # read-only loop devices
+    rigs["a"].unstage("v1")
+    rigs["b"].unstage("v1")
+    ctl.unpublish("v1", "a")
+    ctl.unpublish("v1", "b")
+    assert ctl.publish("v1", "a")
+    with pytest.raises(FailedPrecondition, match="never beside a writer"):
+        ctl.publish("v1", "b", mode=Mode.MULTI_NODE_READER_ONLY)
+
+
+def test_multi_node_writers_are_refused(rigs: dict[str, SharedRig]) -> None:
+    rigs["ctl"].create("v1")
+    with pytest.raises(InvalidArgument, match="MULTI_NODE_MULTI_WRITER"):
+        rigs["ctl"].publish("v1", "a", mode=Mode.MULTI_NODE_MULTI_WRITER)
+
+
+def test_attach_limit_per_node(tmp_path: Path, data: Path) -> None:
+    ctl = SharedRig(tmp_path, data, "ctl", mode="controller")
+    node = SharedRig(tmp_path, data, "a", mode="node", max_volumes=2)
+    try:
+        for v in ("v1", "v2", "v3"):
+            ctl.create(v)
+        ctl.publish("v1", "a")
+        ctl.publish("v2", "a")
+        ctl.publish("v2", "a")
+        with pytest.raises(ResourceExhausted, match="limit"):
+            ctl.publish("v3", "a")
+        ctl.unpublish("v1", "a")
+        ctl.publish("v3", "a")
+    finally:
+        node.close()
+        ctl.close()
+
+
+def test_stage_needs_the_attachment_and_its_current_token(rigs: dict[str, SharedRig]) -> None:
+    ctl, a, b = rigs["ctl"], rigs["a"], rigs["b"]
+    ctl.create("v1")
+    with pytest.raises(FailedPrecondition, match="not published to node a"):
+        a.stage("v1", {})
+    old = ctl.publish("v1", "a")
+    with pytest.raises(FailedPrecondition, match="carries no"):
+        a.stage("v1", {})
+    ctl.unpublish("v1", "a")
+    new = ctl.publish("v1", "a")
+    with pytest.raises(FailedPrecondition, match="stale fencing token"):
+        a.stage("v1", old)
+    with pytest.raises(FailedPrecondition, match="not published to node b"):
+        b.stage("v1", new)
+    assert a.os.loops == {} and b.os.loops == {}
+    a.stage("v1", new)
+    a.stage("v1", new)  # idempotent
+    assert image_lock(a.settings.data_dir, "v1") == imagelock.EXCLUSIVE
+
+
+def test_the_image_lock_fences_a_second_node_even_with_a_permission(rigs: dict[str, SharedRig]) -> None:
+    ctl, a, b = rigs["ctl"], rigs["a"], rigs["b"]
+    ctl.create("v1")
+    a.stage("v1", ctl.publish("v1", "a"))
+    # The node-failure path: the attachment is released while a still has the image.
+    ctl.unpublish("v1", "a")
+    token = ctl.publish("v1", "b")
+    with pytest.raises(FailedPrecondition, match="node a"):
+        b.stage("v1", token)
+    assert b.os.loops == {}
+    with pytest.raises(FailedPrecondition, match="published to node"):
+        ctl.ctrl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="v1"), CTX)
+    a.unstage("v1")
+    assert image_lock(a.settings.data_dir, "v1") == imagelock.FREE
+    b.stage("v1", token)
+    b.unstage("v1")
+    ctl.unpublish("v1", "b")
+    ctl.ctrl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="v1"), CTX)
+    assert not (a.settings.data_dir / "attachments" / "v1.json").exists()
+    assert list((a.settings.data_dir / "holders").iterdir()) == []
+
+
+def test_delete_refused_while_another_client_holds_the_image(rigs: dict[str, SharedRig], data: Path) -> None:
+    rigs["ctl"].create("v1")
+    fd = imagelock.open_locked(data / "volumes" / "v1" / "disk.img", readonly=False, direct=False)
+    try:
+        with pytest.raises(FailedPrecondition, match="in use"):
+            rigs["ctl"].ctrl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="v1"), CTX)
+        with pytest.raises(FailedPrecondition, match="frozen there"):
+            rigs["ctl"].ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s1", source_volume_id="v1"), CTX)
+    finally:
+        os.close(fd)
+    rigs["ctl"].ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s1", source_volume_id="v1"), CTX)
+
+
+def test_controller_expand_grows_the_image(rigs: dict[str, SharedRig], data: Path) -> None:
+    rigs["ctl"].create("v1")
+    resp = rigs["ctl"].ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="v1", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MIB)), CTX)
+    assert resp.node_expansion_required and resp.capacity_bytes == 128 * MIB
+    assert (data / "volumes" / "v1" / "disk.img").stat().st_size == 128 * MIB
+
+
+def test_inline_ephemeral_volumes_are_refused(rigs: dict[str, SharedRig]) -> None:
+    a = rigs["a"]
+    with pytest.raises(InvalidArgument, match="shared mode"):
+        a.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id="e1", target_path=str(a.kubelet / "pods" / "e1"), volume_capability=cap_for("ext4"),
+            volume_context={"csi.storage.k8s.io/ephemeral": "true"}), CTX)
+
+
+def test_node_local_driver_does_not_attach(tmp_path: Path) -> None:
+    settings = Settings(socket_path=tmp_path / "s", node_id="n", data_dir=tmp_path / "d")
+    d = Driver.build(settings, oslayer=FakeOS())
+    ctrl = ControllerService(settings, d.volumes, d.snapshots, d.inflight)
+    with pytest.raises(Unimplemented):
+        ctrl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id="v", node_id="n", volume_capability=cap_for("ext4")), CTX)
+
+
+def test_racing_controllers_exactly_one_wins(data: Path) -> None:
+    """Two controllers (separate record stores, separate opens of the lock file) publish
+    one volume to two nodes at once, many times: exactly one wins each round."""
+    data.mkdir()
+    reg = NodeRegistry(data)
+    for n in ("a", "b"):
+        reg.write(NodeRecord(n, "ds1"))
+    stores = [Attachments(data, NodeRegistry(data)) for _ in range(2)]
+    for i in range(60):
+        vid = f"v{i}"
+        results: dict[str, str] = {}
+        barrier = threading.Barrier(2)
+
+        def go(store: Attachments, node: str, vid: str = vid, results: dict[str, str] = results,
+               barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                store.publish(vid, node, readonly=False, multi_node=False)
+                results[node] = "won"
+            except FailedPrecondition:
+                results[node] = "refused"
+
+        threads = [threading.Thread(target=go, args=(s, n)) for s, n in zip(stores, "ab", strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results.values()) == ["refused", "won"], results
+        rec = stores[0].get(vid)
+        assert rec is not None and list(rec.nodes) == [k for k, v in results.items() if v == "won"]
+
+
+# -- recovery ---------------------------------------------------------------------------------------
+
+def test_recovery_keeps_a_held_lock_and_fences_a_volume_someone_else_holds(rigs: dict[str, SharedRig]) -> None:
+    ctl, a = rigs["ctl"], rigs["a"]
+    for v in ("held", "lost", "stolen", "revoked"):
+        ctl.create(v)
+        a.stage(v, ctl.publish(v, "a"))
+    data = a.settings.data_dir
+    # "lost": the device's lock is gone (the fake keeps a copy of the open file: drop it)
+    lost_index = next(i for i, f in a.os.loops.items() if "/lost/" in f)
+    os.close(a.os.kept.pop(lost_index))
+    # "stolen": another node's holder record names it too
+    from csi_driver.datastore import Holder
+    a.driver.datastore.holders.put(Holder("stolen", "b", False, 9, 0.0, "/dev/loop9"))  # type: ignore[union-attr]
+    # "revoked": unpublished from a while a was down
+    ctl.unpublish("revoked", "a")
+    # a holder record of a that no device backs any more (a reboot)
+    a.driver.datastore.holders.put(Holder("gone", "a", False, 1, 0.0, "/dev/loop7"))  # type: ignore[union-attr]
+    fences = NodeFences("a", a.driver.datastore, a.driver.store, a.os)  # type: ignore[arg-type]
+    actions = fences.recover()
+    try:
+        text = "\n".join(actions)
+        assert "held: its image lock is held" in text
+        assert "lost: took its lost image lock again" in text
+        assert set(fences.fenced) == {"stolen", "revoked"}
+        assert "holder record of gone" in text
+        assert image_lock(data, "lost") == imagelock.EXCLUSIVE  # held again, by this process
+        node = NodeService(a.settings, a.driver.volumes, a.driver.inflight, fences.fenced)  # type: ignore[arg-type]
+        with pytest.raises(FailedPrecondition, match="not served"):
+            node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+                volume_id="stolen", staging_target_path=a.staging("stolen"),
+                target_path=str(a.kubelet / "pods" / "x"), volume_capability=cap_for("ext4")), CTX)
+        # the re-taken lock goes with the device
+        a.unstage("lost")
+        fences.release_retaken()
+        assert image_lock(data, "lost") == imagelock.FREE and fences.retaken == {}
+    finally:
+        for fd in fences.retaken.values():
+            imagelock.release(fd)
+
+
+def test_kept_locks_are_closed_in_forked_children(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    fd = imagelock.open_locked(path, readonly=False, direct=False)
+    imagelock.keep(fd)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's copy must be gone, or it would keep the lock after the release
+        try:
+            os.fstat(fd)
+            os.write(w, b"open")
+        except OSError:
+            os.write(w, b"closed")
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 10) == b"closed"
+    os.close(r)
+    os.waitpid(pid, 0)
+    imagelock.release(fd)
+    assert imagelock.path_lock_state(path) == imagelock.FREE
+
+
+# -- capability probes ---------------------------------------------------------------------------------
+
+def test_probe_finds_what_a_local_filesystem_does(tmp_path: Path) -> None:
+    caps = dscaps.probe(tmp_path)
+    assert caps.locks == 1 and caps.sparse == 1 and caps.locks_across == dscaps.UNKNOWN
+    assert caps.fs_type != "unknown"
+    assert [p.name for p in tmp_path.iterdir()] == []  # the scratch file is gone
+
+
+def test_locks_across_clients_judged_on_live_peers(tmp_path: Path) -> None:
+    reg = NodeRegistry(tmp_path)
+    live = Heartbeat(reg, NodeRecord("peer", "ds1", interval=5))
+    live.register()
+    try:
+        assert dscaps.locks_across(reg, "me") == 1
+    finally:
+        live.stop()
+    assert dscaps.locks_across(reg, "me") == dscaps.UNKNOWN  # stopped: nobody to judge by
+
+    # A peer that keeps beating while its lock is never seen: locks do not cross clients.
+    ghost = NodeRecord("ghost", "ds1", interval=0.05, heartbeat=0)
+    import time as _time
+    ghost.heartbeat = _time.time()
+    reg.write(ghost)
+
+    def beat_on(_seconds: float) -> None:
+        ghost.beats += 1
+        ghost.heartbeat = _time.time()
+        reg.write(ghost)
+
+    assert dscaps.locks_across(reg, "me", wait=beat_on) == 0
+    with pytest.raises(DatastoreError, match="not visible from this host"):
+        dscaps.probe(tmp_path, reg, "me", wait=beat_on)
+    # A peer that stops beating had just died: nothing is concluded.
+    ghost.heartbeat = _time.time()
+    reg.write(ghost)
+    assert dscaps.locks_across(reg, "me", wait=lambda _s: None) == dscaps.UNKNOWN
+
+
+def test_no_discard_when_the_datastore_cannot_punch_holes(rigs: dict[str, SharedRig]) -> None:
+    from dataclasses import replace
+    a = rigs["a"]
+    assert a.driver.caps is not None and a.driver.volumes is not None
+    a.driver.volumes.caps = replace(a.driver.caps, punch_hole=0)
+    assert "discard" not in a.node._mount_options([], "ext4", "discard", False)
+    a.driver.volumes.caps = replace(a.driver.caps, punch_hole=1)
+    assert "discard" in a.node._mount_options([], "ext4", "discard", False)
+
+
+def test_lock_of_a_byte_does_not_block_another(tmp_path: Path) -> None:
+    with imagelock.keys_locked(tmp_path / "l", ["x"], 1.0):
+        with imagelock.keys_locked(tmp_path / "l", ["y"], 1.0):
+            pass
+        with pytest.raises(imagelock.LockHeld), imagelock.keys_locked(tmp_path / "l", ["x"], 0.05):
+            pass
+    fd = os.open(tmp_path / "l", os.O_RDWR)
+    try:
+        assert imagelock.try_lock(fd, exclusive=True, start=imagelock.byte_of("x"), length=1)
+    finally:
+        os.close(fd)
+    assert fcntl.F_OFD_SETLK  # the kernel interface the locks use
