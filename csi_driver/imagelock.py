@@ -103,6 +103,12 @@ def open_locked(path: Path, *, readonly: bool, direct: bool, wait: float = 0.0) 
     return fd
 
 
+def drop_cache(fd: int) -> None:
+    """Drop this host's cached (clean) pages of the file: a network filesystem's client may
+    keep pages that another client has since overwritten (posix_fadvise DONTNEED)."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def byte_of(key: str) -> int:
     """A byte offset for a key (63-bit hash), so that keys lock one file independently."""
     return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") >> 1

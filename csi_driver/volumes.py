@@ -182,25 +182,38 @@ class Volumes:
         """Copy the source's image with its filesystem frozen when it is mounted, so the
         copy is filesystem-consistent; then make the copy durable. (A volume in use as a
         raw block device cannot be frozen: its copy is only as consistent as the writer
-        makes it; the README says so.) Shared mode: a volume attached read-write on
-        another node cannot be frozen from here, so it is not copied (FAILED_PRECONDITION)."""
+        makes it; the README says so.)
+
+        Shared mode, source not attached here: the copy holds a shared lock on the source
+        for its whole length, so no node can attach it read-write meanwhile, and a volume a
+        node has attached read-write (whose filesystem could only be frozen there) is
+        refused with FAILED_PRECONDITION. This host's cached pages of the source are
+        dropped first: they may predate what a node wrote through its own client."""
         usage = self.usage(source)
         frozen = self.fs_mount_point(usage)
-        if self.datastore is not None and usage.loop is None and \
-                imagelock.path_lock_state(source.image) == imagelock.EXCLUSIVE:
-            held = self.datastore.holders.describe(source.id) or "another node"
-            raise FailedPrecondition(
-                f"volume {source.id} is attached read-write on {held}: its filesystem can only be "
-                "frozen there, so a copy taken now would not be consistent; snapshot or clone it "
-                "while it is detached or attached read-only")
-        if frozen:
-            self.os.freeze(frozen)
+        guard = -1
+        if self.datastore is not None and usage.loop is None:
+            try:
+                guard = imagelock.open_locked(source.image, readonly=True, direct=False)
+            except imagelock.LockHeld:
+                held = self.datastore.holders.describe(source.id) or "another node"
+                raise FailedPrecondition(
+                    f"volume {source.id} is attached read-write on {held}: its filesystem can only be "
+                    "frozen there, so a copy taken now would not be consistent; snapshot or clone it "
+                    "while it is detached or attached read-only") from None
+            imagelock.drop_cache(guard)
         try:
-            self.os.copy_image(source.image, dest)
-            failpoints.hit("copy.while_frozen")
-        finally:
             if frozen:
-                self.os.thaw(frozen)
+                self.os.freeze(frozen)
+            try:
+                self.os.copy_image(source.image, dest)
+                failpoints.hit("copy.while_frozen")
+            finally:
+                if frozen:
+                    self.os.thaw(frozen)
+        finally:
+            if guard >= 0:
+                os.close(guard)
         fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fsync(fd)
@@ -248,6 +261,9 @@ class Volumes:
         except imagelock.LockHeld:
             raise FailedPrecondition(self._held_message(entry.id)) from None
         try:
+            # Pages this host cached from an earlier attach predate what other nodes wrote
+            # since (buffered I/O when the datastore has no O_DIRECT; the superblock read).
+            imagelock.drop_cache(fd)
             loop = self.os.attach_loop_fd(fd, entry.image, readonly=readonly, direct_io=direct)
         finally:
             os.close(fd)
