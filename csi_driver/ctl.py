@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--delete", action="store_true", help="remove what is not in use, after confirmation")
     sp.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
+    from . import dsctl
+    dsctl.add_commands(sub, output)
+
     sp = sub.add_parser("doctor", help="check that this node can run thinloop; a fix for each problem")
     sp.set_defaults(local=cmd_doctor)
     output(sp)
@@ -524,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def emit(result: Any, output: str) -> None:
+    if result is None:
+        return  # a failure already said on stderr
     if output == "json":
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     elif output == "yaml":

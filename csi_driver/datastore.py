@@ -126,6 +126,13 @@ class Marker:
     created_by: str = ""
 
 
+def read_marker(data_dir: Path) -> str | None:
+    """The name of the datastore whose marker is in data_dir, None when there is none."""
+    raw = _load(data_dir / MARKER)
+    name = raw.get("datastore") if raw is not None else None
+    return name if isinstance(name, str) else None
+
+
 def check_marker(data_dir: Path, name: str, *, may_create: bool, creator: str) -> str:
     """Check that the data dir is datastore `name`. A controller (may_create) makes the
     marker in an empty data dir; a node never does, since an empty directory there means

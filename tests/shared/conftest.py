@@ -18,6 +18,9 @@ from csi_driver.hostos import HostOS
 from tests import kernel
 from tests.conftest import HAVE_KERNEL, Driver
 from tests.gluster import GlusterBed, GlusterError
+from tests.operator.conftest import run_ctl
+
+__all__ = ["run_ctl"]  # thinloopctl in-process, for the datastore commands
 
 DATASTORE = "gluster-test"
 _names = itertools.count()

@@ -12,6 +12,7 @@ import re
 import struct
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from csi_driver.config import DATASTORE_TOPOLOGY_KEY
 from csi_driver.datastore import GENERATION_KEY, Heartbeat, NodeRecord, NodeRegistry
 from csi_driver.proto import csi_pb2
 from tests.helpers import MIB, Published, code_of, read_sum, write_data
+from tests.operator.conftest import Ctl, wait_for_metrics_port
 from tests.shared.conftest import DATASTORE, Cluster
 
 pytestmark = [pytest.mark.root]
@@ -280,14 +282,19 @@ def test_restart_finds_a_split_brain_and_does_not_serve_it(cluster: Cluster) -> 
     """A volume attached on a whose attachment record now names b (released while a was
     down, without fencing a): a's restarted driver says so loudly and refuses to publish
     it again; unstaging it still works."""
-    ctl = three(cluster, "--metrics-address", "127.0.0.1:0")
+    ctl = three(cluster)
     vid = create(ctl, "split")
     p = up(cluster, "a", vid, publish(ctl, vid, "a"))
     cluster.drivers["a"].kill()
     unpublish(ctl, vid, "a")
     publish(ctl, vid, "b")
-    a = cluster.start("a", "node")
+    a = cluster.start("a", "node", "--metrics-address", "127.0.0.1:0")
     assert f"SPLIT BRAIN in the making for volume {vid}" in a.log()
+    port = wait_for_metrics_port(a)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert re.search(rf'thinloop_datastore_split_brain{{[^}}]*volume="{vid}"[^}}]*}} 1', metrics), metrics
+    assert re.search(r'thinloop_datastore_capability{[^}]*capability="locks_across"[^}]*} 1', metrics)
     _, target = paths(cluster, "a", vid)
     with pytest.raises(grpc.RpcError) as info:
         a.client.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
@@ -397,6 +404,37 @@ def test_snapshot_of_an_attached_volume_waits_for_detach_and_restores_elsewhere(
     p = up(cluster, "b", rid, publish(ctl, rid, "b"))
     assert read_sum(p, DATA) == digest
     down(cluster, "b", p)
+
+
+def test_thinloopctl_shows_holders_and_releases_only_a_fenced_node(cluster: Cluster, run_ctl: Ctl) -> None:
+    ctl = three(cluster)
+    vid = create(ctl, "held")
+    up(cluster, "a", vid, publish(ctl, vid, "a"))
+    data = f"--data-dir={cluster.data('ctl')}"
+    shown = run_ctl("-o", "json", "datastore", "holders", data)
+    assert shown.code == 0, shown.err
+    (row,) = shown.json()["volumes"]
+    assert row["volume"] == vid and row["lock"] == "exclusive" and row["note"] == ""
+    assert row["attached_to"][0].startswith("a (read-write") and row["holders"][0].startswith("a (/dev/loop")
+    alive = {n["node"]: n["alive"] for n in run_ctl("-o", "json", "datastore", "nodes", data).json()["nodes"]}
+    assert alive == {"a": True, "b": True}
+    refused = run_ctl("datastore", "release", vid, "--node", "a", data)
+    assert refused.code == 2 and "--node-fenced" in refused.err
+    refused = run_ctl("datastore", "release", vid, "--node", "a", "--node-fenced", data)
+    assert refused.code == 1 and "not fenced" in refused.err  # a's driver and client are alive
+    table = run_ctl("datastore", "holders", data)
+    assert table.code == 0 and vid in table.out and "NODES" in table.out
+    # Node a is lost, and fenced: its client and its driver are gone.
+    cluster.lose_host("a")
+    cluster.drivers["a"].kill()
+    (row,) = run_ctl("-o", "json", "datastore", "holders", data).json()["volumes"]
+    assert row["lock"] == "free" and "stale records" in row["note"]
+    released = run_ctl("datastore", "release", vid, "--node", "a", "--node-fenced", data)
+    assert released.code == 0, released.err
+    assert "removed the attachment" in released.out
+    p = up(cluster, "b", vid, publish(ctl, vid, "b"))
+    down(cluster, "b", p)
+    cluster.reboot("a")
 
 
 def _children(pid: int) -> list[int]:
