@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for tool in losetup:util-linux mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs fsfreeze:util-linux \
-            findmnt:util-linux fio:fio shellcheck:shellcheck; do
+            findmnt:util-linux fio:fio shellcheck:shellcheck \
+            glusterd:glusterfs-server glusterfs:glusterfs-client; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

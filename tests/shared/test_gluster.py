@@ -9,7 +9,10 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -28,6 +31,7 @@ from tests.operator.conftest import Ctl, wait_for_metrics_port
 from tests.shared.conftest import DATASTORE, Cluster
 
 pytestmark = [pytest.mark.root]
+ROOT = Path(__file__).resolve().parents[2]
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 SIZE = 64 * MIB
@@ -443,3 +447,18 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(x) for x in text.split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("csi-sanity") is None, reason="csi-sanity not on PATH")
+def test_csi_sanity_in_shared_mode_on_glusterfs(cluster: Cluster) -> None:
+    """scripts/sanity.sh's shared-mode run with its datastore on this GlusterFS volume."""
+    env = {**os.environ, "SANITY_RUNS": "shared", "SANITY_DATASTORE_DIR": str(cluster.data("ctl")),
+           "PYTHON": sys.executable}
+    cluster.data("ctl").mkdir()
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "sanity.sh")], capture_output=True, text=True,
+                         timeout=1200, check=False, env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    (line,) = re.findall(r"Ran \d+ of \d+ Specs.*", run.stdout)
+    assert "| 0 Failed |" in line and int(line.split()[1]) >= 85, line
+    print(line)
