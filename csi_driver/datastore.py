@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import imagelock
+from . import baton, imagelock
 from .errors import Aborted, AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
 from .store import TMP_PREFIX, write_atomic
 
@@ -70,7 +70,7 @@ def _load(path: Path) -> dict[str, Any] | None:
     retried: the next lookup finds the new file."""
     for attempt in range(20):
         try:
-            with open(path, encoding="utf-8") as f:
+            with baton.blocking(), open(path, encoding="utf-8") as f:  # a network filesystem
                 raw = json.load(f)
         except FileNotFoundError:
             return None
