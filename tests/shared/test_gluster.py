@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -462,3 +463,23 @@ def test_csi_sanity_in_shared_mode_on_glusterfs(cluster: Cluster) -> None:
     (line,) = re.findall(r"Ran \d+ of \d+ Specs.*", run.stdout)
     assert "| 0 Failed |" in line and int(line.split()[1]) >= 85, line
     print(line)
+
+
+def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """A tiny run of `bench.py shared` on three of this datastore's clients (no timing
+    assertions): it moves a volume, runs fio both ways, and removes what it made."""
+    from tests.integration.test_bench_smoke import load_bench
+    dirs = ",".join(str(cluster.host(h)) for h in ("ctl", "a", "b"))
+    out = tmp_path / "shared.json"
+    rc = load_bench().main(["shared", "--datastore-dirs", dirs, "--moves", "2", "--runtime", "1", "--rounds", "1",
+                            "--size", "64Mi", "--file-size", "16Mi", "--base-dir", str(tmp_path / "bench"),
+                            "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())["result"]
+    assert res["move"]["n"] == 2 and res["raw_move"]["n"] == 2
+    assert set(res["move_steps"]) == {"NodeUnpublishVolume", "NodeUnstageVolume", "ControllerUnpublishVolume",
+                                      "ControllerPublishVolume", "NodeStageVolume", "NodePublishVolume"}
+    assert set(res["jobs"]) == {"randread_4k", "randwrite_4k", "seqwrite_1m"}
+    assert res["filesystem"] == "fuse.glusterfs"
+    assert [p.name for p in cluster.host("ctl").iterdir()] == [], "the run removes its data"
+    assert not any((tmp_path / "bench").iterdir())
