@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -536,3 +538,14 @@ def test_lock_of_a_byte_does_not_block_another(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert fcntl.F_OFD_SETLK  # the kernel interface the locks use
+
+
+def test_a_node_without_its_datastore_exits_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run([sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{tmp_path}/s.sock",
+                          "--data-dir", str(tmp_path / "empty"), "--mode", "node", "--datastore", "ds1",
+                          "--node-id", "n1", "--kubelet-dir", str(tmp_path), "--log-level", "error"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert "no datastore.json" in run.stderr
+    assert list((tmp_path / "empty").iterdir()) == []  # a node never makes the marker
