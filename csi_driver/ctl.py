@@ -353,6 +353,9 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
     """`cluster`: a ClusterView or a reason string to use instead of the real API (a seam
     for tests); None reads the cluster."""
     from . import orphans
+    if (Path(a.data_dir) / "datastore.json").exists():
+        raise ValueError(f"{a.data_dir} is a shared datastore: its images are attached on other nodes too, "
+                         "so orphans are not judged from one node (see thinloopctl datastore holders)")
     local = Local.open(a)
     view = orphans.load_cluster(a.kubeconfig) if cluster is None else cluster
     report = orphans.find(local.store, local.hostos, local.settings.driver_name,

@@ -549,3 +549,14 @@ def test_a_node_without_its_datastore_exits_with_one_line(tmp_path: Path) -> Non
     assert run.returncode == 1 and run.stderr.strip().count("\n") == 0, run.stderr
     assert "no datastore.json" in run.stderr
     assert list((tmp_path / "empty").iterdir()) == []  # a node never makes the marker
+
+
+def test_node_orphans_refuses_a_shared_datastore(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every image of a datastore would look like an orphan from one node: never judge them."""
+    from csi_driver import ctl
+    check_marker(data, "ds1", may_create=True, creator="ctl")
+    (data / "volumes" / "v1").mkdir(parents=True)
+    (data / "volumes" / "v1" / "disk.img").write_bytes(b"")
+    assert ctl.main(["node", "orphans", "--delete", "--yes", "--data-dir", str(data)]) == 2
+    assert "shared datastore" in capsys.readouterr().err
+    assert (data / "volumes" / "v1" / "disk.img").exists()
