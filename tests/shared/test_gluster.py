@@ -115,7 +115,8 @@ def test_glusterfs_passes_locks_between_clients_and_drops_them_with_the_client(c
     """What the fence rests on, checked on this GlusterFS: fcntl (POSIX and OFD) and flock
     locks taken through one client are refused through another, and a client that dies
     takes its locks with it at once."""
-    a, b = cluster.host("a"), cluster.host("b")
+    a, b = cluster.data("a"), cluster.data("b")
+    a.mkdir()
     (a / "f").write_bytes(b"\0" * 4096)
     fa, fb = os.open(a / "f", os.O_RDWR), os.open(b / "f", os.O_RDWR)
     try:
@@ -146,7 +147,8 @@ def test_glusterfs_passes_locks_between_clients_and_drops_them_with_the_client(c
 def test_probe_of_this_glusterfs(cluster: Cluster) -> None:
     """O_DIRECT, sparse files and locks across clients work; reflink does not (snapshots
     are sparse copies). What fallocate and hole punching do is reported as found."""
-    a, b = cluster.host("a"), cluster.host("b")
+    a, b = cluster.data("a"), cluster.data("b")
+    a.mkdir()
     peer = Heartbeat(NodeRegistry(a), NodeRecord("peer", DATASTORE, interval=5))
     peer.register()
     try:
@@ -469,7 +471,8 @@ def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: P
     """A tiny run of `bench.py shared` on three of this datastore's clients (no timing
     assertions): it moves a volume, runs fio both ways, and removes what it made."""
     from tests.integration.test_bench_smoke import load_bench
-    dirs = ",".join(str(cluster.host(h)) for h in ("ctl", "a", "b"))
+    cluster.data("ctl").mkdir()
+    dirs = ",".join(str(cluster.data(h)) for h in ("ctl", "a", "b"))
     out = tmp_path / "shared.json"
     rc = load_bench().main(["shared", "--datastore-dirs", dirs, "--moves", "2", "--runtime", "1", "--rounds", "1",
                             "--size", "64Mi", "--file-size", "16Mi", "--base-dir", str(tmp_path / "bench"),
@@ -481,5 +484,5 @@ def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: P
                                       "ControllerPublishVolume", "NodeStageVolume", "NodePublishVolume"}
     assert set(res["jobs"]) == {"randread_4k", "randwrite_4k", "seqwrite_1m"}
     assert res["filesystem"] == "fuse.glusterfs"
-    assert [p.name for p in cluster.host("ctl").iterdir()] == [], "the run removes its data"
+    assert [p.name for p in cluster.data("ctl").iterdir()] == [], "the run removes its data"
     assert not any((tmp_path / "bench").iterdir())
