@@ -24,7 +24,7 @@ class Snapshots:
     def get(self, snap_id: str) -> Entry:
         entry = self.store.snapshots.get(snap_id)
         if entry is None:
-            raise NotFound(f"snapshot {snap_id} does not exist on node {self.volumes.settings.node_id}")
+            raise NotFound(f"snapshot {snap_id} does not exist in {self.volumes.where}")
         return entry
 
     def create(self, snap_id: str, source_id: str) -> Entry:
