@@ -560,3 +560,12 @@ def test_node_orphans_refuses_a_shared_datastore(data: Path, capsys: pytest.Capt
     assert ctl.main(["node", "orphans", "--delete", "--yes", "--data-dir", str(data)]) == 2
     assert "shared datastore" in capsys.readouterr().err
     assert (data / "volumes" / "v1" / "disk.img").exists()
+
+
+def test_names_may_hold_a_plus() -> None:
+    """csi-sanity's attach-limit spec names a volume 'sanity-max-attach-limit-vol+1-<tag>'."""
+    from csi_driver.store import check_id
+    assert check_id("sanity-max-attach-limit-vol+1-DBABD3B0", "name")
+    for bad in ("+lead", "a/+", "a+\n"):
+        with pytest.raises(InvalidArgument):
+            check_id(bad, "name")
