@@ -5,7 +5,8 @@ volume with one brick, and FUSE clients mounted on demand, one per simulated hos
 Every process it starts is stopped at the end (glusterd, the brick's glusterfsd, the FUSE
 clients), every mount is unmounted, and the two files glusterd leaves outside its working
 directory (the brick's log under /var/log/glusterfs/bricks and its socket under
-/var/run/gluster) are removed. gluster's command-line tool still appends to
+/var/run/gluster) are removed, as is the empty log directory glusterd makes for the volume
+under /var/log/glusterfs/gfproxy. gluster's command-line tool still appends to
 /var/log/glusterfs/cli.log and cmd_history.log, as it does for any use of it.
 """
 
@@ -100,6 +101,7 @@ class GlusterBed:
     glusterd: subprocess.Popen[bytes] | None = None
     clients: list[Client] = field(default_factory=list)
     _extra_files: list[Path] = field(default_factory=list)
+    _extra_dirs: list[Path] = field(default_factory=list)
 
     @property
     def sock(self) -> Path:
@@ -153,6 +155,9 @@ end-volume
                 raise GlusterError(f"glusterd did not answer within 30 s: {self._tail(log)}")
             time.sleep(0.2)
         brick = self.base / "brick" / "b0"
+        gfproxy_log = Path("/var/log/glusterfs/gfproxy") / self.volume  # glusterd makes it per volume
+        if not gfproxy_log.exists():
+            self._extra_dirs.append(gfproxy_log)
         self.gluster("volume", "create", self.volume, f"{self.host}:{brick}", "force")
         for key, value in DATASTORE_OPTIONS.items():
             self.gluster("volume", "set", self.volume, key, value)
@@ -248,6 +253,9 @@ end-volume
             forced.append(f"mount {m}")
         for path in self._extra_files:
             path.unlink(missing_ok=True)
+        for d in self._extra_dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
         return forced
 
 
