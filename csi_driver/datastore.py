@@ -57,6 +57,8 @@ RECORD_LOCK_SECONDS = 10.0
 """How long a read-modify-write waits for another controller's before ABORTED."""
 STALE_BEATS = 3
 """A node record older than this many heartbeats is shown as stale."""
+STALE_READ_SECONDS = 3.0
+"""How long NodeStageVolume re-reads an attachment record older than its token."""
 
 T = TypeVar("T")
 
@@ -456,15 +458,31 @@ class Attachments:
     def check_stage(self, volume_id: str, node_id: str, publish_context: dict[str, str]) -> NodeAttachment:
         """The attachment that lets node_id stage the volume now: the record must name it,
         and the token in publish_context must be the one it was given (a token of an
-        earlier attachment is stale: the volume has been unpublished since)."""
+        earlier attachment is stale: the volume has been unpublished since).
+
+        Generations only grow, so a token newer than the record this node reads means the
+        node's client still shows an older record (a network filesystem's cache): the read
+        is repeated for up to STALE_READ_SECONDS before the token is judged."""
+        given = publish_context.get(GENERATION_KEY, "")
+        wanted = int(given) if given.isdigit() and len(given) < 19 else 0
         rec = self.get(volume_id)
+        deadline = time.monotonic() + STALE_READ_SECONDS
+        while wanted and (rec.generation if rec is not None else 0) < wanted and time.monotonic() < deadline:
+            with baton.blocking():
+                time.sleep(0.1)
+            rec = self.get(volume_id)
+        seen = rec.generation if rec is not None else 0
+        if wanted > seen:
+            raise FailedPrecondition(
+                f"this node still reads generation {seen} of the attachment record of {volume_id}, older than "
+                f"the token's {wanted}, after {STALE_READ_SECONDS:g} s: its datastore client serves stale "
+                "files (for GlusterFS see the volume options in docs/shared-datastore-driver.md)")
         mine = rec.nodes.get(node_id) if rec is not None else None
         if rec is None or mine is None:
             where = f"; it is attached to {rec.describe()}" if rec is not None and rec.nodes else ""
             raise FailedPrecondition(
                 f"volume {volume_id} is not published to node {node_id}{where}: "
                 "ControllerPublishVolume to this node comes first")
-        given = publish_context.get(GENERATION_KEY, "")
         if not given:
             raise FailedPrecondition(
                 f"NodeStageVolume for {volume_id} carries no {GENERATION_KEY} in publish_context: "

@@ -569,3 +569,28 @@ def test_names_may_hold_a_plus() -> None:
     for bad in ("+lead", "a/+", "a+\n"):
         with pytest.raises(InvalidArgument):
             check_id(bad, "name")
+
+
+def test_stage_rereads_a_record_older_than_its_token(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose client still shows an older attachment record (seen on GlusterFS with
+    its default caching) reads again rather than calling a current token stale."""
+    from csi_driver import datastore
+    data.mkdir()
+    NodeRegistry(data).write(NodeRecord("a", "ds1"))
+    att = Attachments(data, NodeRegistry(data))
+    att.publish("v1", "a", readonly=False, multi_node=False)
+    old = att.path("v1").read_text()
+    att.unpublish("v1", "a")
+    current = att.publish("v1", "a", readonly=False, multi_node=False)
+    new = att.path("v1").read_text()
+    token = current.token("a")
+    att.path("v1").write_text(old)  # what a stale cache would show
+    threading.Timer(0.3, lambda: att.path("v1").write_text(new)).start()
+    assert att.check_stage("v1", "a", token).generation == current.nodes["a"].generation
+    att.path("v1").write_text(old)
+    monkeypatch.setattr(datastore, "STALE_READ_SECONDS", 0.3)
+    with pytest.raises(FailedPrecondition, match="serves stale files"):
+        att.check_stage("v1", "a", token)
+    att.path("v1").write_text(new)
+    with pytest.raises(FailedPrecondition, match="stale fencing token"):
+        att.check_stage("v1", "a", {**token, GENERATION_KEY: "1"})  # a genuinely old token
