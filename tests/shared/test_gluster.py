@@ -486,3 +486,38 @@ def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: P
     assert res["filesystem"] == "fuse.glusterfs"
     assert [p.name for p in cluster.data("ctl").iterdir()] == [], "the run removes its data"
     assert not any((tmp_path / "bench").iterdir())
+
+
+def test_readers_on_two_nodes_never_beside_a_writer(cluster: Cluster) -> None:
+    """MULTI_NODE_READER_ONLY: a and b attach read-only at once (shared locks, read-only
+    loop devices) and read the same bytes; a writer is refused while they do."""
+    ctl = three(cluster)
+    vid = create(ctl, "shelf")
+    p = up(cluster, "a", vid, publish(ctl, vid, "a"))
+    digest = write_data(p, DATA)
+    down(cluster, "a", p)
+    unpublish(ctl, vid, "a")
+    ro = Mode.MULTI_NODE_READER_ONLY
+    readers = {}
+    for host in ("a", "b"):
+        token = publish(ctl, vid, host, mode=ro)
+        staging, target = paths(cluster, host, vid)
+        os.makedirs(staging, exist_ok=True)
+        node = cluster.drivers[host].client.node
+        node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=staging, volume_capability=cap("ext4", ro), publish_context=token))
+        node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid, staging_target_path=staging, target_path=target, volume_capability=cap("ext4", ro),
+            publish_context=token, readonly=True))
+        readers[host] = Published(vid, "ext4", staging, target)
+    assert imagelock.path_lock_state(image(cluster, "ctl", vid)) == imagelock.SHARED
+    for host, r in readers.items():
+        assert read_sum(r, DATA) == digest, host
+        with pytest.raises(OSError):
+            write_data(r, 4096)
+    cluster.start("c", "node")
+    assert code_of(publish, ctl, vid, "c") == grpc.StatusCode.FAILED_PRECONDITION
+    for host, r in readers.items():
+        down(cluster, host, r)
+        unpublish(ctl, vid, host)
+    assert imagelock.path_lock_state(image(cluster, "ctl", vid)) == imagelock.FREE
