@@ -31,6 +31,7 @@ class CsiClient:
     controller: csi_pb2_grpc.ControllerStub
     node: csi_pb2_grpc.NodeStub
     snapmeta: csi_pb2_grpc.SnapshotMetadataStub
+    group: csi_pb2_grpc.GroupControllerStub
 
     @classmethod
     def connect(cls, endpoint: str, timeout: float = 10.0) -> CsiClient:
@@ -38,7 +39,8 @@ class CsiClient:
         channel = grpc.insecure_channel(target)
         grpc.channel_ready_future(channel).result(timeout=timeout)
         return cls(channel, csi_pb2_grpc.IdentityStub(channel), csi_pb2_grpc.ControllerStub(channel),
-                   csi_pb2_grpc.NodeStub(channel), csi_pb2_grpc.SnapshotMetadataStub(channel))
+                   csi_pb2_grpc.NodeStub(channel), csi_pb2_grpc.SnapshotMetadataStub(channel),
+                   csi_pb2_grpc.GroupControllerStub(channel))
 
     def close(self) -> None:
         self.channel.close()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+import math
 import os
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .cliparse import HelpFormatter, OneLineParser, UsageError
 
 TOPOLOGY_KEY = "topology.thinloop.csi.io/node"
 DATASTORE_TOPOLOGY_KEY = "topology.thinloop.csi.io/datastore"
@@ -59,13 +63,21 @@ class Settings:
     metrics_address: str = ""
     """host:port for the Prometheus endpoint; empty disables it."""
     workers: int = 0
-    worker_idle_seconds: float = DEFAULT_WORKER_IDLE_SECONDS
     """Processes the Controller and Node calls run in; 0 runs them in the server's own."""
+    worker_idle_seconds: float = DEFAULT_WORKER_IDLE_SECONDS
+    """Seconds a worker process waits for a call before it exits."""
     datastore: str = ""
     """Shared mode when set: the name of the shared filesystem that holds the data dir
     (the topology value of topology.thinloop.csi.io/datastore). Empty: node-local mode."""
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     """Shared mode: how often a node driver rewrites its record in the datastore."""
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Where each setting came from: the flag (`--data-dir`) or its variable
+    (`THINLOOP_DATA_DIR`), so that an error found later names what the operator set."""
+
+    def source(self, name: str) -> str:
+        """The flag or THINLOOP_* variable that set field `name` (the flag when unknown)."""
+        return self.sources.get(name, "--" + name.replace("_", "-"))
 
     @property
     def endpoint(self) -> str:
@@ -98,122 +110,190 @@ class Settings:
         return {TOPOLOGY_KEY: self.node_id}
 
 
-def socket_path_from_endpoint(endpoint: str) -> Path:
-    """Accept unix:///abs/path (or a bare absolute path) and return the path."""
+MAX_SOCKET_PATH_BYTES = 107
+"""sun_path in struct sockaddr_un holds 108 bytes, the last one the terminating NUL (unix(7))."""
+
+
+def socket_path_from_endpoint(endpoint: str, source: str = "--endpoint") -> Path:
+    """Accept unix:///abs/path (or a bare absolute path) and return the path. The same rules
+    serve the driver and thinloopctl, so a client refuses what the server would refuse.
+
+    Raises SettingsError naming `source` (the flag, or the THINLOOP_* variable it came from)."""
     if endpoint.startswith("unix://"):
         raw = endpoint[len("unix://"):]
     elif "://" in endpoint:
-        raise SettingsError(f"--endpoint {endpoint!r}: only unix:// endpoints are supported")
+        raise SettingsError(f"{source} {endpoint!r}: only unix:// endpoints are supported "
+                            "(e.g. unix:///run/thinloop/csi.sock)")
     else:
         raw = endpoint
     if not raw.startswith("/"):
-        raise SettingsError(f"--endpoint {endpoint!r}: the socket path must be absolute")
+        raise SettingsError(f"{source} {endpoint!r}: the socket path must be absolute "
+                            "(unix:///path/to/csi.sock)")
+    if raw.endswith("/"):
+        raise SettingsError(f"{source} {endpoint!r}: names a directory, not a socket file")
+    size = len(os.fsencode(raw))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise SettingsError(f"{source} {endpoint!r}: the socket path is {size} bytes; a unix socket "
+                            f"path holds at most {MAX_SOCKET_PATH_BYTES}: choose a shorter one")
     return Path(raw)
 
 
-def _build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    def env(name: str, default: str) -> str:
-        return environ.get(f"THINLOOP_{name}", default)
+def parse_address(address: str, source: str = "--metrics-address") -> tuple[str, int]:
+    """host:port, :port (all interfaces) or [v6]:port; port 0 picks a free one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"{source} {address!r}: expected host:port or :port (e.g. :9809)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
 
-    p = argparse.ArgumentParser(
-        prog="thinloop-csi",
-        description="thinloop CSI driver: thin loopback-file volumes. "
-        "Every flag can also be set with the THINLOOP_<FLAG> environment variable "
-        "(upper case, dashes as underscores).",
-    )
-    p.add_argument("--endpoint", default=env("ENDPOINT", DEFAULT_ENDPOINT),
-                   help="unix:///path/to/csi.sock")
-    p.add_argument("--node-id", default=env("NODE_ID", ""),
-                   help="node identity (default: the host name)")
-    p.add_argument("--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR))
-    p.add_argument("--driver-name", default=env("DRIVER_NAME", ""),
-                   help=f"default {DEFAULT_DRIVER_NAME}, or {SHARED_DRIVER_NAME} with --datastore")
-    p.add_argument("--mode", default=env("MODE", "all"), help="all | controller | node")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
-    p.add_argument("--log-format", default=env("LOG_FORMAT", "text"), help="text | json")
-    p.add_argument("--overcommit-ratio", default=env("OVERCOMMIT_RATIO", "1.0"))
-    p.add_argument("--max-volumes-per-node", default=env("MAX_VOLUMES_PER_NODE", "0"))
-    p.add_argument("--kubelet-dir", default=env("KUBELET_DIR", DEFAULT_KUBELET_DIR))
-    p.add_argument("--metrics-address", default=env("METRICS_ADDRESS", ""),
-                   help="host:port serving Prometheus metrics (off when empty)")
-    p.add_argument("--workers", default=env("WORKERS", str(DEFAULT_WORKERS)),
-                   help="processes that run the Controller and Node calls, so that they use "
-                   "more than one CPU (0: run them in the server process); at most this "
-                   "many, started when calls wait")
-    p.add_argument("--worker-idle-seconds",
-                   default=env("WORKER_IDLE_SECONDS", str(DEFAULT_WORKER_IDLE_SECONDS)),
-                   help="a worker process with no call for this long exits (its memory goes back)")
-    p.add_argument("--datastore", default=env("DATASTORE", ""),
-                   help="shared mode: the name of the shared filesystem mounted at --data-dir on "
-                   "every node and the controller (volumes move between nodes; attach is fenced)")
-    p.add_argument("--heartbeat-seconds",
-                   default=env("HEARTBEAT_SECONDS", str(DEFAULT_HEARTBEAT_SECONDS)),
-                   help="shared mode: how often a node driver rewrites its record in the datastore")
+
+@dataclass(frozen=True)
+class Flag:
+    """One driver setting: a flag, its THINLOOP_* variable, default and meaning."""
+
+    name: str
+    default: str
+    help: str
+    metavar: str = ""
+    shown: str = ""
+    """The default as --help words it, when it is not the literal `default`."""
+
+    @property
+    def dest(self) -> str:
+        return self.name[2:].replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "THINLOOP_" + self.dest.upper()
+
+
+FLAGS = (
+    Flag("--endpoint", DEFAULT_ENDPOINT, "unix socket to serve CSI on (created 0600; a stale socket "
+         "of this driver is replaced; a symlink, a foreign file or a live socket is refused)", "URI"),
+    Flag("--node-id", "", "this node's identity, also the value of the topology key "
+         f"{TOPOLOGY_KEY} (node-local mode); in shared mode the name other drivers of the "
+         "datastore know this node by", "ID", shown="host name"),
+    Flag("--data-dir", DEFAULT_DATA_DIR, "absolute path of the directory holding the volume and "
+         "snapshot images (created 0700 when missing; with --datastore, the datastore's mount, never "
+         "created)", "DIR"),
+    Flag("--driver-name", "", "CSI driver name: the StorageClass provisioner and the CSIDriver "
+         "object's name", "NAME", shown=f"{DEFAULT_DRIVER_NAME}; {SHARED_DRIVER_NAME} with --datastore"),
+    Flag("--mode", "all", "services to run: all; controller (for the controller Deployment: no file "
+         "access, or with --datastore the datastore's files but no loop device); node",
+         "|".join(MODES)),
+    Flag("--kubelet-dir", DEFAULT_KUBELET_DIR, "kubelet's root directory: staging and target paths "
+         "must lie under it", "DIR"),
+    Flag("--overcommit-ratio", "1.0", "how far unused thin promises may exceed free space when "
+         "reporting capacity; 1.0 = never", "RATIO"),
+    Flag("--max-volumes-per-node", "0", "volume limit reported in NodeGetInfo; 0 = no limit", "N"),
+    Flag("--log-level", "info", "lowest level of log lines written to stderr", "|".join(LOG_LEVELS)),
+    Flag("--log-format", "text", "text for people, json (one object per line) for collectors",
+         "|".join(LOG_FORMATS)),
+    Flag("--metrics-address", "", "host:port or :port serving Prometheus metrics; empty = off",
+         "ADDR"),
+    Flag("--workers", str(DEFAULT_WORKERS), "most processes running Controller and Node calls at "
+         f"once, started when calls wait (0 = in the server process: one CPU; at most {MAX_WORKERS})",
+         "N"),
+    Flag("--worker-idle-seconds", str(DEFAULT_WORKER_IDLE_SECONDS).removesuffix(".0"),
+         "a worker with no call for this long exits, giving its memory back", "SECONDS"),
+    Flag("--datastore", "", "shared mode: the name of the shared filesystem mounted at --data-dir on "
+         "every node and the controller (volumes move between nodes; attach is fenced; the topology "
+         f"value of {DATASTORE_TOPOLOGY_KEY}); empty = node-local mode", "NAME"),
+    Flag("--heartbeat-seconds", str(DEFAULT_HEARTBEAT_SECONDS).removesuffix(".0"),
+         "shared mode: how often a node driver rewrites its record in the datastore (a node silent for "
+         "three of these is shown as not alive)", "SECONDS"),
+)
+
+
+def _build_parser(environ: Mapping[str, str]) -> OneLineParser:
+    p = OneLineParser(
+        prog="thinloop-csi", formatter_class=HelpFormatter,
+        description="thinloop CSI driver: thin (sparse) loopback-file volumes for Kubernetes.\n\n"
+        "Every flag can also be set with the environment variable named after it (THINLOOP_, "
+        "then the flag in upper case with dashes as underscores); a flag given on the command "
+        "line wins. Bad settings and a node that cannot run the driver (missing tools, no "
+        "/dev/loop-control, a data dir that cannot be written) stop it at start with one line "
+        "naming the flag or path and the fix, before anything is created.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for flag in FLAGS:
+        default = f"default: {flag.shown or flag.default or 'empty'}"
+        now = f"; set to {environ[flag.env]!r} here" if flag.env in environ else ""
+        p.add_argument(flag.name, default=None, metavar=flag.metavar or None,
+                       help=f"{flag.help} [{default}; env {flag.env}{now}]".replace("%", "%%"))
     return p
 
 
 def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
-    """Parse flags over environment defaults; raise SettingsError with one clear line."""
+    """Parse flags over environment defaults; raise SettingsError with one clear line naming
+    the flag, or the THINLOOP_* variable when the value came from the environment."""
     environ = os.environ if environ is None else environ
-    ns = _build_parser(environ).parse_args(list(argv))
-    mode = ns.mode.lower()
-    if mode not in MODES:
-        raise SettingsError(f"--mode {ns.mode!r}: expected one of {', '.join(MODES)}")
-    level = ns.log_level.lower()
-    if level not in LOG_LEVELS:
-        raise SettingsError(f"--log-level {ns.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
-    fmt = ns.log_format.lower()
-    if fmt not in LOG_FORMATS:
-        raise SettingsError(f"--log-format {ns.log_format!r}: expected text or json")
     try:
-        ratio = float(ns.overcommit_ratio)
-    except ValueError:
-        raise SettingsError(f"--overcommit-ratio {ns.overcommit_ratio!r}: not a number") from None
-    if not ratio >= 1.0 or ratio == float("inf"):
-        raise SettingsError(f"--overcommit-ratio {ns.overcommit_ratio!r}: must be a finite number >= 1.0")
-    try:
-        max_vols = int(ns.max_volumes_per_node)
-    except ValueError:
-        raise SettingsError(f"--max-volumes-per-node {ns.max_volumes_per_node!r}: not an integer") from None
-    if max_vols < 0:
-        raise SettingsError("--max-volumes-per-node must be >= 0")
-    try:
-        workers = int(ns.workers)
-    except ValueError:
-        raise SettingsError(f"--workers {ns.workers!r}: not an integer") from None
-    if not 0 <= workers <= MAX_WORKERS:
-        raise SettingsError(f"--workers {workers}: must be between 0 and {MAX_WORKERS}")
-    try:
-        idle = float(ns.worker_idle_seconds)
-    except ValueError:
-        raise SettingsError(f"--worker-idle-seconds {ns.worker_idle_seconds!r}: not a number") from None
-    if not 0 < idle <= 86400:
-        raise SettingsError(f"--worker-idle-seconds {ns.worker_idle_seconds!r}: must be above 0 and "
-                            "at most 86400")
-    data_dir = Path(ns.data_dir)
-    if not data_dir.is_absolute():
-        raise SettingsError(f"--data-dir {ns.data_dir!r}: must be an absolute path")
-    kubelet_dir = Path(ns.kubelet_dir)
-    if not kubelet_dir.is_absolute():
-        raise SettingsError(f"--kubelet-dir {ns.kubelet_dir!r}: must be an absolute path")
-    datastore = ns.datastore
+        ns = _build_parser(environ).parse_args(list(argv))
+    except UsageError as exc:
+        raise SettingsError(str(exc).removeprefix("thinloop-csi: ")) from None
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for flag in FLAGS:
+        given = getattr(ns, flag.dest)
+        if given is not None:
+            values[flag.dest], sources[flag.dest] = given, flag.name
+        elif flag.env in environ:
+            values[flag.dest], sources[flag.dest] = environ[flag.env], flag.env
+        else:
+            values[flag.dest], sources[flag.dest] = flag.default, flag.name
+
+    def bad(dest: str, why: str) -> SettingsError:
+        return SettingsError(f"{sources[dest]} {values[dest]!r}: {why}")
+
+    def choice(dest: str, allowed: Sequence[str]) -> str:
+        value = values[dest].lower()
+        if value not in allowed:
+            raise bad(dest, f"expected one of {', '.join(allowed)}")
+        return value
+
+    def number(dest: str, kind: type[int] | type[float], ok: Callable[[float], bool], words: str) -> Any:
+        try:
+            value = kind(values[dest])
+        except ValueError:
+            raise bad(dest, "not an integer" if kind is int else "not a number") from None
+        if not ok(value):  # NaN fails every comparison, so it fails here too
+            raise bad(dest, f"must be {words}")
+        return value
+
+    def absolute(dest: str) -> Path:
+        path = Path(values[dest])
+        if not path.is_absolute():
+            raise bad(dest, "must be an absolute path")
+        return path
+
+    mode = choice("mode", MODES)
+    level = choice("log_level", LOG_LEVELS)
+    fmt = choice("log_format", LOG_FORMATS)
+    ratio = number("overcommit_ratio", float, lambda v: 1.0 <= v < math.inf, "a finite number >= 1.0")
+    max_vols = number("max_volumes_per_node", int, lambda v: 0 <= v < 2**31, ">= 0")
+    workers = number("workers", int, lambda v: 0 <= v <= MAX_WORKERS, f"between 0 and {MAX_WORKERS}")
+    idle = number("worker_idle_seconds", float, lambda v: 0 < v <= 86400, "above 0 and at most 86400")
+    data_dir = absolute("data_dir")
+    kubelet_dir = absolute("kubelet_dir")
+    datastore = values["datastore"]
     if datastore and not _valid_label_value(datastore):
-        raise SettingsError(f"--datastore {datastore!r}: must be 1-63 letters, digits, '-', '_' or '.', "
-                            "starting and ending with a letter or digit (it is a topology label value)")
-    try:
-        heartbeat = float(ns.heartbeat_seconds)
-    except ValueError:
-        raise SettingsError(f"--heartbeat-seconds {ns.heartbeat_seconds!r}: not a number") from None
-    if not 0.1 <= heartbeat <= 3600:
-        raise SettingsError(f"--heartbeat-seconds {ns.heartbeat_seconds!r}: must be between 0.1 and 3600")
-    driver_name = ns.driver_name or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
+        raise bad("datastore", "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with "
+                  "a letter or digit (it is a topology label value)")
+    heartbeat = number("heartbeat_seconds", float, lambda v: 0.1 <= v <= 3600, "between 0.1 and 3600")
+    driver_name = values["driver_name"] or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
     if not _valid_driver_name(driver_name):
-        raise SettingsError(f"--driver-name {driver_name!r}: must be a DNS-style name of at most 63 characters")
-    node_id = ns.node_id or socket.gethostname()
+        raise bad("driver_name", "must be a DNS-style name of at most 63 characters "
+                  "(letters, digits, '-' and '.', starting and ending with a letter or digit)")
+    node_id = values["node_id"] or socket.gethostname()
     if not node_id or len(node_id) > 128 or any(c in node_id for c in "/\0\n"):
-        raise SettingsError(f"--node-id {node_id!r}: must be 1-128 characters without '/'")
+        raise SettingsError(f"{sources['node_id']} {node_id!r}: must be 1-128 characters without '/'")
+    if datastore and node_id.startswith("."):
+        raise SettingsError(f"{sources['node_id']} {node_id!r}: with --datastore it names files in the "
+                            "datastore (nodes/<id>.json), so it must not start with '.'")
+    if values["metrics_address"]:
+        parse_address(values["metrics_address"], sources["metrics_address"])
     return Settings(
-        socket_path=socket_path_from_endpoint(ns.endpoint),
+        socket_path=socket_path_from_endpoint(values["endpoint"], sources["endpoint"]),
         node_id=node_id,
         data_dir=data_dir,
         driver_name=driver_name,
@@ -223,11 +303,12 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         overcommit_ratio=ratio,
         max_volumes_per_node=max_vols,
         kubelet_dir=kubelet_dir,
-        metrics_address=ns.metrics_address,
+        metrics_address=values["metrics_address"],
         workers=workers,
         worker_idle_seconds=idle,
         datastore=datastore,
         heartbeat_seconds=heartbeat,
+        sources=sources,
     )
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
+from . import imagelock
 from .config import Settings
 from .datastore import Datastore
 from .errors import (
@@ -44,7 +46,7 @@ from .validation import (
     resolve_params,
     size_from_range,
 )
-from .volumes import HostView, Volumes
+from .volumes import HostView, Volumes, fs_type_of
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _volume_msg(self, entry: Entry) -> csi_pb2.Volume:
         meta = entry.meta
         ctx = {"diskformat": meta.diskformat, "reclaim": meta.reclaim}
-        if meta.fs_type:
-            ctx["fsType"] = meta.fs_type
+        fs = fs_type_of(entry, self.volumes.os)
+        if fs:
+            ctx["fsType"] = fs
         vol = csi_pb2.Volume(volume_id=entry.id, capacity_bytes=entry.size_bytes(),
                              volume_context=ctx, accessible_topology=[self.topology()])
         if meta.source_kind == "snapshot":
@@ -141,12 +144,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                      ) -> csi_pb2.CreateVolumeResponse:
         require(request.name, "name")
         volume_id = check_id(request.name, "name")
-        params = resolve_params(request.parameters, request.volume_capabilities, self.modes)
-        if request.mutable_parameters:
-            # A VolumeAttributesClass named by the claim: its values win over the class's.
-            mutable = self._check_mutable(request.mutable_parameters)
-            params = replace(params, diskformat=mutable.get("diskformat", params.diskformat),
-                             reclaim=mutable.get("reclaim", params.reclaim))
+        # A VolumeAttributesClass named by the claim: its values win over the class's.
+        mutable = self._check_mutable(request.mutable_parameters) if request.mutable_parameters else {}
+        params = resolve_params({**request.parameters, **mutable}, request.volume_capabilities, self.modes)
         size = size_from_range(request.capacity_range if request.HasField("capacity_range") else None,
                                params.fs_type)
         self._check_topology(request)
@@ -177,7 +177,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"{exc.message}. A restore or clone is made on the node that holds its "
                                "source; a source on another node cannot be used") from None
             if source is not None:
-                params = self._params_for_copy(source[1], size, params)
+                params = self._params_for_copy(source[1], fs_type_of(source[1], self.volumes.os), size, params)
             entry = self.volumes.create(volume_id, size, params, source=source,
                                         parameters=dict(request.parameters))
             return csi_pb2.CreateVolumeResponse(volume=self._volume_msg(entry))
@@ -196,16 +196,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"this driver instance serves {what}, which is not among the requested topologies")
 
     @staticmethod
-    def _params_for_copy(source: Entry, size: int, params: VolumeParams) -> VolumeParams:
+    def _params_for_copy(source: Entry, src_fs: str, size: int, params: VolumeParams) -> VolumeParams:
         """A restore or clone holds its source's bytes: its filesystem is the source's
-        (a defaulted fsType follows the source), and a raw block source is never made a
+        (a defaulted fsType follows the source; a copy taken for raw block access still
+        records the filesystem its bytes hold), and a raw block source is never made a
         filesystem volume, which would format the restored data at the first stage."""
         src_size = source.size_bytes()
         if size < src_size:
             raise OutOfRange(f"requested {size} bytes is smaller than the source's {src_size} bytes")
-        src_fs = source.meta.fs_type
         if params.access_type == "block":
-            return params
+            return replace(params, fs_type=src_fs, fs_explicit=False)
         if source.meta.parameters.get("access_type") == "block":
             raise InvalidArgument(f"{source.id} is a raw block volume: restore or clone it as a block volume")
         if src_fs and src_fs != params.fs_type:
@@ -258,7 +258,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         except InvalidArgument as exc:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
         if entry is not None:
-            fs = entry.meta.fs_type
+            fs = fs_type_of(entry, self.volumes.os)
             for cap in request.volume_capabilities:
                 want = cap.mount.fs_type if cap.WhichOneof("access_type") == "mount" else ""
                 if want and fs and want != fs:
@@ -356,20 +356,61 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             size = size_from_range(request.capacity_range, "")
             return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
                                                           node_expansion_required=True)
-        entry = self.volumes.get(volume_id)
-        current = entry.size_bytes()
-        size = size_from_range(request.capacity_range, entry.meta.fs_type, current=current)
-        if size < current:
-            raise OutOfRange(f"volume {volume_id} is {current} bytes; shrinking to {size} is not supported")
-        if size > current:
-            self.volumes.check_room(size - current, f"growing volume {volume_id}")
-            if self.datastore is not None:
-                # Shared mode: the image lives here as much as anywhere; the node that has
-                # it attached refreshes its loop device and grows the filesystem.
-                with self.inflight.hold(f"vol:{volume_id}"):
+        with self.inflight.hold(f"vol:{volume_id}"), self._attachment_held(volume_id):
+            entry = self.volumes.get(volume_id)
+            current = entry.size_bytes()
+            size = size_from_range(request.capacity_range, entry.meta.fs_type, current=current)
+            if size < current:
+                raise OutOfRange(f"volume {volume_id} is {current} bytes; shrinking to {size} is not supported")
+            if size > current:
+                self.volumes.check_room(size - current, f"growing volume {volume_id}")
+            where = self._attached_where(entry)
+            if where and self.datastore is None:
+                # Attached or mounted here: NodeExpandVolume grows image, loop device and
+                # filesystem together, online.
+                return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+            if where:
+                # Shared mode, published to a node: the image lives on the datastore, so it
+                # grows here; the node refreshes its loop device and grows the filesystem
+                # (NodeExpandVolume), or the next stage does. Under the attachment record's
+                # lock, so no publish and stage come between the check and the growth.
+                if size > current:
+                    if entry.meta.fs_type:
+                        entry = self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
                     grow_image(entry.image, size, entry.meta.diskformat)
-                log.info("grew the image of %s to %d bytes", volume_id, size)
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+                    log.info("grew the image of %s (%s) to %d bytes; the node grows its filesystem",
+                             volume_id, where, size)
+                return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+            if size > current:
+                # In use nowhere: grow the image now. Its filesystem grows at the next stage
+                # (ext unmounted, before the mount; xfs just after), so no node call is needed.
+                # Marked first: a crash before the growth leaves a harmless no-op grow.
+                if entry.meta.fs_type:
+                    entry = self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+                grow_image(entry.image, size, entry.meta.diskformat)
+                log.info("expanded unstaged volume %s to %d bytes; its filesystem grows at the next stage",
+                         volume_id, size)
+            return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=False)
+
+    def _attachment_held(self, volume_id: str) -> AbstractContextManager[None]:
+        """Shared mode: the volume's attachment record lock (what ControllerPublishVolume
+        holds), across every controller of the datastore; node-local mode: nothing."""
+        if self.datastore is None:
+            return nullcontext()
+        return self.datastore.attachments.hold(volume_id)
+
+    def _attached_where(self, entry: Entry) -> str:
+        """Where the volume is in use: attached or mounted on this node (node-local mode);
+        published to a node, or its image locked by a client (shared mode). Empty: nowhere."""
+        if self.datastore is None:
+            usage = self.volumes.usage(entry)
+            return usage.describe() if usage.in_use else ""
+        published = self.datastore.attachments.published_nodes(entry.id)
+        if published:
+            return f"published to {', '.join(published)}"
+        if imagelock.path_lock_state(entry.image) != imagelock.FREE:
+            return "its image is locked by a client of the datastore"
+        return ""
 
     # -- attach (shared mode) ------------------------------------------------------------
 
@@ -453,11 +494,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(entry))
 
     def _snapshot_msg(self, entry: Entry) -> csi_pb2.Snapshot:
-        created = timestamp_pb2.Timestamp()
-        created.FromNanoseconds(int(entry.meta.created * 1e9))
-        return csi_pb2.Snapshot(snapshot_id=entry.id, source_volume_id=entry.meta.source_id,
-                                size_bytes=entry.size_bytes(), creation_time=created,
-                                ready_to_use=True)
+        return snapshot_msg(entry, self.snapshots.group_of(entry) or "")
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
                        ) -> csi_pb2.DeleteSnapshotResponse:
@@ -472,32 +509,50 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
                       ) -> csi_pb2.ListSnapshotsResponse:
+        # Members of a volume group snapshot still being created or deleted are not listed
+        # (the CSI spec: nothing that is not cut yet); the group view is read after the
+        # entries (Snapshots.group_of says why).
         coll = self.snapshots.store.snapshots
         if request.snapshot_id:
             entry = _maybe(lambda: coll.get(request.snapshot_id))
             entries = [entry] if entry is not None else []
             if request.source_volume_id:
                 entries = [e for e in entries if e.meta.source_id == request.source_volume_id]
-            return csi_pb2.ListSnapshotsResponse(
-                entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(e)) for e in entries])
+            return csi_pb2.ListSnapshotsResponse(entries=self._listed(entries))
         ids = coll.ids()
         loaded: dict[str, Entry] = {}
         if request.source_volume_id:
             loaded = {e.id: e for e in coll.entries() if e.meta.source_id == request.source_volume_id}
             ids = sorted(loaded)
         page, token = paginate(ids, request.max_entries, request.starting_token)
+        found = [e for e in (loaded.get(sid) or coll.get(sid) for sid in page) if e is not None]
+        return csi_pb2.ListSnapshotsResponse(entries=self._listed(found), next_token=token)
+
+    def _listed(self, entries: list[Entry]) -> list[csi_pb2.ListSnapshotsResponse.Entry]:
+        grouped = any(e.meta.group_snapshot_id for e in entries)
+        membership = self.snapshots.groups.membership() if grouped else None
         out = []
-        for sid in page:
-            entry = loaded.get(sid) or coll.get(sid)
-            if entry is not None:
-                out.append(csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(entry)))
-        return csi_pb2.ListSnapshotsResponse(entries=out, next_token=token)
+        for entry in entries:
+            group = self.snapshots.group_of(entry, membership)
+            if group is not None:
+                out.append(csi_pb2.ListSnapshotsResponse.Entry(snapshot=snapshot_msg(entry, group)))
+        return out
 
     def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
                     ) -> csi_pb2.GetSnapshotResponse:
         require(request.snapshot_id, "snapshot_id")
         entry = self.snapshots.get(check_id(request.snapshot_id, "snapshot_id"))
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_msg(entry))
+
+
+def snapshot_msg(entry: Entry, group_snapshot_id: str = "") -> csi_pb2.Snapshot:
+    """A snapshot as CSI describes it; `group_snapshot_id` for a member of a volume group
+    snapshot (CSI spec, Snapshot: a member that cannot be deleted alone names its group)."""
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(entry.meta.created * 1e9))
+    return csi_pb2.Snapshot(snapshot_id=entry.id, source_volume_id=entry.meta.source_id,
+                            size_bytes=entry.size_bytes(), creation_time=created,
+                            ready_to_use=True, group_snapshot_id=group_snapshot_id)
 
 
 def _maybe(fn: Callable[[], T]) -> T | None:

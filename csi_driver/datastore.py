@@ -5,6 +5,8 @@ Layout under the data dir, which is the datastore's mount (or a directory in it)
     datastore.json                     the marker: names the datastore
     nodes/<node-id>.json               a node driver's registration, rewritten every heartbeat
     nodes/<node-id>.lock               locked by that node's driver for as long as it runs
+                                       (csi_driver.datalock: one line names the holder)
+    controllers.lock                   a shared lock of every controller (csi_driver.datalock)
     attachments/<volume-id>.json       which node(s) may open the volume's image, and the
                                        generation (fencing token) each was given
     attachments/.lock                  one-byte locks around each read-modify-write
@@ -38,8 +40,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import baton, imagelock
+from .datalock import DataDirLock, DataDirLocked, node_lock_path
 from .errors import Aborted, AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
-from .store import TMP_PREFIX, write_atomic
+from .hostos import parse_mountinfo
+from .store import TMP_PREFIX, fsync_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,9 @@ RECORD_LOCK_SECONDS = 10.0
 """How long a read-modify-write waits for another controller's before ABORTED."""
 STALE_BEATS = 3
 """A node record older than this many heartbeats is shown as stale."""
+CLAIM_WAIT_SECONDS = 2.0
+"""How long a starting node driver waits for its node-id lock (a crashed predecessor's
+worker processes end a moment after it)."""
 STALE_READ_SECONDS = 3.0
 """How long NodeStageVolume re-reads an attachment record older than its token."""
 
@@ -135,44 +142,101 @@ def read_marker(data_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def check_marker(data_dir: Path, name: str, *, may_create: bool, creator: str) -> str:
-    """Check that the data dir is datastore `name`. A controller (may_create) makes the
-    marker in an empty data dir; a node never does, since an empty directory there means
-    the datastore is not mounted. Returns what was done ("" or a line for the log); raises
-    DatastoreError otherwise."""
-    path = data_dir / MARKER
-    raw = _load(path)
-    if raw is None and may_create:
-        leftovers = [n for n in ("volumes", "snapshots") if _listdir(data_dir / n)]
-        if leftovers:
-            raise DatastoreError(
-                f"{data_dir} holds {' and '.join(leftovers)} but no {MARKER}: it is not a datastore "
-                f"this driver made; refusing to claim it as datastore {name!r}")
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = data_dir / f"{TMP_PREFIX}{MARKER}.{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(asdict(Marker(name, FORMAT, time.time(), creator)), indent=1))
-        try:
-            os.link(tmp, path)  # never replaces one another controller made meanwhile
-            made = True
-        except FileExistsError:
-            made = False
-        finally:
-            tmp.unlink()
-        raw = _load(path)
-        if made:
-            return f"made {path}: this data dir is datastore {name!r}"
-    if raw is None:
+def is_mount_point(path: Path) -> bool:
+    """Whether a filesystem is mounted at path itself (in this mount namespace): another
+    device than its parent's, or a mount table entry there (a bind mount of the same
+    filesystem keeps the device number)."""
+    try:
+        if os.path.ismount(path):
+            return True
+        real = os.path.realpath(path)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return any(m.mount_point == real for m in parse_mountinfo(f.read()))
+    except OSError:
+        return False
+
+
+def _write_marker(data_dir: Path, name: str, creator: str) -> bool:
+    """Make the marker unless one exists (another controller's, made meanwhile): True when
+    this call made it. Refuses a directory that already holds volumes or snapshots."""
+    leftovers = [n for n in ("volumes", "snapshots") if _listdir(data_dir / n)]
+    if leftovers:
         raise DatastoreError(
-            f"{data_dir} has no {MARKER}: the datastore {name!r} is not mounted there, or its "
-            "controller has not started yet (the controller makes the marker)")
+            f"{data_dir} holds {' and '.join(leftovers)} but no {MARKER}: it is not a datastore "
+            f"this driver made; refusing to claim it as datastore {name!r}")
+    tmp = data_dir / f"{TMP_PREFIX}{MARKER}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(asdict(Marker(name, FORMAT, time.time(), creator)), indent=1))
+    try:
+        os.link(tmp, data_dir / MARKER)  # never replaces one another controller made meanwhile
+        made = True
+    except FileExistsError:
+        made = False
+    finally:
+        tmp.unlink()
+    if made:
+        fsync_path(data_dir, os.O_DIRECTORY)
+    return made
+
+
+def marker_problem(data_dir: Path, name: str, *, may_create: bool) -> str:
+    """Why data_dir cannot be datastore `name` as it stands, "" when it can: the marker
+    names it, or (may_create) there is none yet and data_dir is a mount point, where a
+    controller makes it. Only reads (preflight asks this before anything starts)."""
+    try:
+        raw = _load(data_dir / MARKER)
+    except (OSError, Internal) as exc:
+        return f"cannot read {data_dir / MARKER}: {exc}"
+    if raw is None:
+        if not may_create:
+            return (f"{data_dir} has no {MARKER}: the datastore {name!r} is not mounted there, or no "
+                    "controller has made it a datastore yet (the controller makes the marker)")
+        if not is_mount_point(data_dir):
+            return (f"{data_dir} has no {MARKER} and is not a mount point: if the datastore is not "
+                    f"mounted there, mount it; a controller makes the marker only on the datastore's "
+                    f"mount itself, never on a directory of the local disk. A datastore in a directory "
+                    f"of a mount is made once by hand: thinloopctl datastore init --data-dir {data_dir} "
+                    f"--name {name}")
+        return ""
     marker = _build(Marker, raw)
     if marker.datastore != name:
-        raise DatastoreError(
-            f"{data_dir} is datastore {marker.datastore!r} (its {MARKER} says so), not {name!r}: "
-            "every driver of one datastore must see the same filesystem")
+        return (f"{data_dir} is datastore {marker.datastore!r} (its {MARKER} says so), not {name!r}: "
+                "every driver of one datastore must see the same filesystem")
     if marker.format != FORMAT:
-        raise DatastoreError(f"{path} has format {marker.format}; this driver knows format {FORMAT}")
+        return f"{data_dir / MARKER} has format {marker.format}; this driver knows format {FORMAT}"
     return ""
+
+
+def check_marker(data_dir: Path, name: str, *, may_create: bool, creator: str) -> str:
+    """Check that the data dir is datastore `name` (marker_problem). A controller
+    (may_create) makes the marker where there is none and the data dir is a mount point
+    (the datastore's mount: a directory of the local disk under a missing mount is not
+    one); a node never does. Returns what was done ("" or a line for the log); raises
+    DatastoreError otherwise."""
+    problem = marker_problem(data_dir, name, may_create=may_create)
+    if problem:
+        raise DatastoreError(problem)
+    if read_marker(data_dir) is not None:
+        return ""
+    made = _write_marker(data_dir, name, creator)
+    problem = marker_problem(data_dir, name, may_create=False)  # one made meanwhile must agree
+    if problem:
+        raise DatastoreError(problem)
+    return f"made {data_dir / MARKER}: this data dir (a mount point) is datastore {name!r}" if made else ""
+
+
+def init_marker(data_dir: Path, name: str, creator: str) -> str:
+    """Make data_dir datastore `name` by hand (thinloopctl datastore init), mount point or
+    not: the operator says it is the shared filesystem. Idempotent for the same name;
+    DatastoreError for another name, or a directory holding volumes without a marker."""
+    if not data_dir.is_dir():
+        raise DatastoreError(f"{data_dir} is not a directory: mount the datastore there first")
+    existing = read_marker(data_dir)
+    if existing is None and _write_marker(data_dir, name, creator):
+        return f"made {data_dir / MARKER}: {data_dir} is datastore {name!r}"
+    problem = marker_problem(data_dir, name, may_create=False)
+    if problem:
+        raise DatastoreError(problem)
+    return f"{data_dir} is datastore {name!r} already"
 
 
 # -- nodes ----------------------------------------------------------------------------------------
@@ -211,7 +275,7 @@ class NodeRegistry:
         return self.root / f"{node_id}.json"
 
     def lock_path(self, node_id: str) -> Path:
-        return self.root / f"{node_id}.lock"
+        return node_lock_path(self.root.parent, node_id)
 
     def get(self, node_id: str) -> NodeRecord | None:
         raw = _load(self.record_path(node_id))
@@ -224,32 +288,40 @@ class NodeRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         _save(self.record_path(record.node_id), record)
 
-    def claim(self, node_id: str) -> int:
-        """Lock nodes/<node-id>.lock for this driver's life. Returns the descriptor (kept in
-        this process: csi_driver.imagelock.keep). Two drivers with one node id would both
-        think they own that node's attachments: the second one is refused."""
+    def claim(self, node_id: str) -> DataDirLock:
+        """Lock nodes/<node-id>.lock for this driver's life: the data-dir lock of
+        csi_driver.datalock on this node's path (held, like node-local mode's, by the
+        driver and the worker processes it forks). Two drivers with one node id would both
+        think they own that node's attachments: the second one is refused, naming the
+        first (DatastoreError)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path(node_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = DataDirLock(self.lock_path(node_id))
         try:
-            taken = imagelock.try_lock(fd, exclusive=True)
+            # A driver restarted right after a crash may find the old one's forked workers
+            # a moment from their end (PR_SET_PDEATHSIG): give them that moment.
+            lock.acquire(wait=CLAIM_WAIT_SECONDS)
+        except DataDirLocked as exc:
+            raise DatastoreError(node_in_use(node_id, exc.holder, self.lock_path(node_id))) from None
         except OSError as exc:
-            os.close(fd)
             raise DatastoreError(f"cannot lock {self.lock_path(node_id)}: {exc.strerror}: the datastore "
                                  "must honour byte-range locks (fcntl) for shared mode") from None
-        if not taken:
-            os.close(fd)
-            rec = self.get(node_id)
-            where = f" (its record: host {rec.host}, pid {rec.pid})" if rec is not None else ""
-            raise DatastoreError(f"another driver with node id {node_id!r} is running on this datastore"
-                                 f"{where}: it holds {self.lock_path(node_id)}")
-        imagelock.keep(fd)
-        return fd
+        return lock
+
+    def holder(self, node_id: str) -> str | None:
+        """Who holds node_id's lock ("pid <n> host <h> since <t>"), None when nobody does."""
+        try:
+            return DataDirLock(self.lock_path(node_id)).holder()
+        except FileNotFoundError:
+            return None
 
     def lock_state(self, node_id: str) -> str:
-        try:
-            return imagelock.path_lock_state(self.lock_path(node_id))
-        except FileNotFoundError:
-            return imagelock.FREE
+        return imagelock.FREE if self.holder(node_id) is None else imagelock.EXCLUSIVE
+
+
+def node_in_use(node_id: str, holder: str, path: Path) -> str:
+    """One line: another driver holds node_id's lock (preflight and the server say it)."""
+    return (f"another driver with node id {node_id!r} is running on this datastore ({holder}): it holds "
+            f"{path}; stop it, or give this one another node id")
 
 
 class Heartbeat:
@@ -259,7 +331,7 @@ class Heartbeat:
     def __init__(self, registry: NodeRegistry, record: NodeRecord) -> None:
         self.registry = registry
         self.record = record
-        self._fd = -1
+        self._lock: DataDirLock | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_beat: list[Callable[[], None]] = []
@@ -268,7 +340,7 @@ class Heartbeat:
     def register(self) -> None:
         """Claim the node id and write the first record (no thread yet: call before the
         driver forks its worker spawner)."""
-        self._fd = self.registry.claim(self.record.node_id)
+        self._lock = self.registry.claim(self.record.node_id)
         now = time.time()
         self.record.started, self.record.heartbeat, self.record.state = now, now, "running"
         self.record.host, self.record.pid = socket.gethostname(), os.getpid()
@@ -301,14 +373,14 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._fd >= 0:
+        if self._lock is not None:
             self.record.state = "stopped"
             try:
                 self.registry.write(self.record)
             except OSError as exc:
                 log.warning("cannot mark %s stopped: %s", self.record.node_id, exc)
-            imagelock.release(self._fd)
-            self._fd = -1
+            self._lock.release()
+            self._lock = None
 
 
 # -- attachments ------------------------------------------------------------------------------------
@@ -476,7 +548,7 @@ class Attachments:
             raise FailedPrecondition(
                 f"this node still reads generation {seen} of the attachment record of {volume_id}, older than "
                 f"the token's {wanted}, after {STALE_READ_SECONDS:g} s: its datastore client serves stale "
-                "files (for GlusterFS see the volume options in docs/shared-datastore-driver.md)")
+                "files (for GlusterFS see the volume options in docs/shared-datastore.md")
         mine = rec.nodes.get(node_id) if rec is not None else None
         if rec is None or mine is None:
             where = f"; it is attached to {rec.describe()}" if rec is not None and rec.nodes else ""

@@ -1,13 +1,16 @@
-"""The README's first command: serve the driver on a built-in default data dir and walk one
-volume through its life, printing what happens, then clean everything up.
+"""The README's first command: serve the driver on a scratch data dir, walk one volume
+through its life with thinloopctl, printing each command as a user would type it, then
+clean everything up.
 
-    sudo python -m csi_driver.demo [--data-dir DIR]
+    scripts/demo.sh [--data-dir DIR]          (as root; or .venv/bin/python -m csi_driver.demo)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,21 +19,42 @@ import tempfile
 import time
 from pathlib import Path
 
-from .client import CsiClient, capability, wait_for_socket
-from .proto import csi_pb2
+from .client import CsiClient, wait_for_socket
 from .sweep import mounts_under, sweep
 
 DEFAULT_DEMO_DIR = "/var/tmp/thinloop-demo"
 GIB = 1 << 30
 
 
+def note(text: str, err: bool = False) -> None:
+    """A line for whoever reads; a reader that went away must not stop the clean-up."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def say(step: str) -> None:
     print(f"\n\033[1m==> {step}\033[0m" if sys.stdout.isatty() else f"\n==> {step}", flush=True)
 
 
+def shown(argv: list[str]) -> str:
+    """The command as a user can paste it: quoted, and a program of this clone's .venv/bin
+    named relative to the current directory when it lies under it."""
+    first = argv[0]
+    if os.path.isabs(first) and first.startswith(os.getcwd() + os.sep):
+        first = os.path.relpath(first)
+    return "$ " + shlex.join([first, *argv[1:]])
+
+
 def sh(argv: list[str]) -> None:
-    print("$ " + " ".join(argv), flush=True)
+    print(shown(argv), flush=True)
     subprocess.run(argv, check=False)
+
+
+def program(console_script: str, module: str) -> list[str]:
+    """How to run one of the package's commands: its console script beside this Python
+    (the .venv's bin), else this Python with -m."""
+    script = Path(sys.executable).parent / console_script
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
 class Demo:
@@ -46,43 +70,47 @@ class Demo:
 
     def start_driver(self) -> CsiClient:
         self.kubelet.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{self.socket}",
+        argv = [*program("thinloop-csi", "csi_driver"), "--endpoint", f"unix://{self.socket}",
                 "--data-dir", str(self.data_dir), "--kubelet-dir", str(self.kubelet),
                 "--node-id", "demo-node", "--log-level", "warning"]
-        print("$ " + " ".join(argv[2:]), flush=True)
+        print(shown(argv) + " &", flush=True)
         self.proc = subprocess.Popen(argv)
         wait_for_socket(str(self.socket))
         self.client = CsiClient.connect(f"unix://{self.socket}")
         return self.client
+
+    def ctl(self, *args: str) -> None:
+        """Run one thinloopctl command against the demo's driver, showing it as typed."""
+        argv = [*program("thinloopctl", "csi_driver.ctl"), "--endpoint", f"unix://{self.socket}", *args]
+        print(shown(argv), flush=True)
+        res = subprocess.run(argv, check=False)
+        if res.returncode != 0:
+            raise SystemExit(f"thinloopctl {args[0]} failed (exit {res.returncode})")
 
     def stop_driver(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            print(f"driver exited with {self.proc.wait(timeout=60)}")
-            self.proc = None
+            proc, self.proc = self.proc, None
+            proc.send_signal(signal.SIGTERM)
+            note(f"driver exited with {proc.wait(timeout=60)}")
 
     def run(self) -> None:
-        cap = capability(fs_type="ext4")
+        print("Each $ line is a command you can paste into another shell while the demo runs "
+              "(after it, the driver and its scratch dir are gone).")
         say("start the driver")
-        c = self.start_driver()
-        info = c.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
-        print(f"plugin {info.name} {info.vendor_version}, ready="
-              f"{c.identity.Probe(csi_pb2.ProbeRequest()).ready.value}")
+        self.start_driver()
+        self.ctl("info")
 
         say("CreateVolume: 1 GiB, thin, ext4")
-        vol = c.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
-            name="demo-vol", volume_capabilities=[cap], parameters={"diskformat": "thin"},
-            capacity_range=csi_pb2.CapacityRange(required_bytes=GIB))).volume
-        print(f"volume {vol.volume_id}: {vol.capacity_bytes} bytes, context {dict(vol.volume_context)}")
+        vol = "demo-vol"  # the name is the volume id
+        self.ctl("create", vol, "--size", "1Gi", "--fs-type", "ext4", "--param", "diskformat=thin")
 
         say("NodeStageVolume + NodePublishVolume")
-        self.staging.mkdir(parents=True, exist_ok=True)
-        c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=vol.volume_id, staging_target_path=str(self.staging), volume_capability=cap))
-        self.publish(c, vol.volume_id, cap)
+        self.ctl("stage", vol, str(self.staging), "--fs-type", "ext4")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.ctl("publish", vol, str(self.staging), str(self.target), "--fs-type", "ext4")
         sh(["findmnt", "-o", "TARGET,SOURCE,FSTYPE,OPTIONS", str(self.target)])
 
         say("write a file through the published path")
@@ -96,7 +124,7 @@ class Demo:
         sh(["df", "-h", str(self.target)])
 
         say("the image is thin: apparent size vs what it really allocates")
-        image = self.data_dir / "volumes" / vol.volume_id / "disk.img"
+        image = self.data_dir / "volumes" / vol / "disk.img"
         st = os.stat(image)
         print(f"{image}\n  apparent size: {st.st_size / GIB:.2f} GiB\n"
               f"  allocated:     {st.st_blocks * 512 / (1 << 20):.1f} MiB")
@@ -104,19 +132,13 @@ class Demo:
         sh(["du", "-h", str(image)])
 
         say("NodeGetVolumeStats")
-        stats = c.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
-            volume_id=vol.volume_id, volume_path=str(self.target)))
-        for u in stats.usage:
-            print(f"  {csi_pb2.VolumeUsage.Unit.Name(u.unit):6} total={u.total} used={u.used} "
-                  f"available={u.available}")
-        print(f"  condition: {'abnormal' if stats.volume_condition.abnormal else 'healthy'}")
+        self.ctl("stats", vol, str(self.target))
 
         say("unpublish, restart the driver, publish again")
-        c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vol.volume_id, target_path=str(self.target)))
+        self.ctl("unpublish", vol, str(self.target))
         self.stop_driver()
-        c = self.start_driver()
-        self.publish(c, vol.volume_id, cap)
+        self.start_driver()
+        self.ctl("publish", vol, str(self.staging), str(self.target), "--fs-type", "ext4")
         text = (self.target / "hello.txt").read_text()
         same = (self.target / "hello.bin").read_bytes() == payload
         print(f"read back: {text.strip()!r}; 64 MiB payload identical: {same}")
@@ -124,34 +146,28 @@ class Demo:
             raise SystemExit("data did not survive the restart")
 
         say("clean up: unpublish, unstage, delete")
-        c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=vol.volume_id, target_path=str(self.target)))
-        c.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=vol.volume_id, staging_target_path=str(self.staging)))
-        c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
-        left = c.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
-        print(f"volumes left: {[e.volume.volume_id for e in left]}")
-
-    def publish(self, c: CsiClient, volume_id: str, cap: csi_pb2.VolumeCapability) -> None:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=volume_id, staging_target_path=str(self.staging),
-            target_path=str(self.target), volume_capability=cap))
+        self.ctl("unpublish", vol, str(self.target))
+        self.ctl("unstage", vol, str(self.staging))
+        self.ctl("delete", vol)
+        self.ctl("list")
 
     def teardown(self) -> None:
-        """Whatever happened above, leave no mount, loop device or file behind."""
-        self.stop_driver()
-        left = sweep(self.root)
-        if left:
-            print(f"teardown: removed what the demo left: {', '.join(left)}")
-        if mounts_under(self.root):
-            print(f"teardown: {self.root} still has mounts; left in place", file=sys.stderr)
-            return
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Whatever happened above (a failure, Ctrl-C, a reader that closed our output),
+        leave no mount, loop device or file behind."""
+        try:
+            self.stop_driver()
+        finally:
+            left = sweep(self.root)
+            if left:
+                note(f"teardown: removed what the demo left: {', '.join(left)}")
+            if mounts_under(self.root):
+                note(f"teardown: {self.root} still has mounts; left in place", err=True)
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="thinloop-demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="thinloop-demo", description=(__doc__ or "").split("\n\n")[0].replace("\n", " "))
     p.add_argument("--data-dir", default=DEFAULT_DEMO_DIR,
                    help=f"scratch directory for the demo (default {DEFAULT_DEMO_DIR}); removed at the end")
     args = p.parse_args(argv)
@@ -164,10 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(root)
     started = time.monotonic()
     try:
-        demo.run()
-    finally:
-        demo.teardown()
-    print(f"\ndemo finished in {time.monotonic() - started:.1f}s; nothing left behind in {root}")
+        try:
+            demo.run()
+        finally:
+            demo.teardown()
+    except BrokenPipeError:
+        note("thinloop-demo: its output was closed; stopped and cleaned up", err=True)
+        return 1
+    except KeyboardInterrupt:
+        note("thinloop-demo: interrupted; stopped and cleaned up", err=True)
+        return 130
+    note(f"\ndemo finished in {time.monotonic() - started:.1f}s; nothing left behind in {root}")
     return 0
 
 

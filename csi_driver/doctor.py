@@ -15,20 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import caps
 from .config import Settings
 from .hostos import REQUIRED_TOOLS, HostOS, sector_size_for
 from .identity import readiness
 from .nodestatus import filesystem_of
+from .preflight import TOOL_PACKAGES as PACKAGES
 from .runner import CommandError, Runner
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-CAP_SYS_RESOURCE = 24
 MIN_FREE_FRACTION = 0.10
-PACKAGES = {"losetup": "util-linux", "blkid": "util-linux", "mount": "util-linux",
-            "umount": "util-linux", "fsfreeze": "util-linux", "fstrim": "util-linux",
-            "mkfs.ext4": "e2fsprogs", "mkfs.ext3": "e2fsprogs", "resize2fs": "e2fsprogs",
-            "e2fsck": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
-            "cp": "coreutils"}
 VERSION_ARGV = {"util-linux": ["losetup", "--version"], "e2fsprogs": ["mkfs.ext4", "-V"],
                 "xfsprogs": ["mkfs.xfs", "-V"], "coreutils": ["cp", "--version"]}
 DATA_FS_NOTES = {
@@ -188,22 +184,15 @@ def _data_dir(data_dir: Path, hostos: HostOS) -> list[Check]:
     return checks
 
 
-def _effective_caps() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def _cap_sys_resource() -> Check:
-    if _effective_caps() & (1 << CAP_SYS_RESOURCE):
+    why = caps.why_lacking(caps.CAP_SYS_RESOURCE)
+    if not why:
         return Check("CAP_SYS_RESOURCE", OK, "present")
+    detail, _, fix = why.partition(": ")
     return Check("CAP_SYS_RESOURCE", WARN,
-                 "missing: ext3/ext4 volumes cannot grow while mounted (the kernel's online resize "
+                 f"{detail}: ext3/ext4 volumes cannot grow while mounted (the kernel's online resize "
                  "needs it); the driver grows them at the next stage instead",
-                 "run the node container privileged (as the deploy does) or add SYS_RESOURCE to "
-                 "its capabilities; xfs growth is not affected")
+                 f"{fix}; xfs growth is not affected")
 
 
 def _filesystems() -> Check:

@@ -1,7 +1,8 @@
 """Failpoints for crash tests. Off unless the THINLOOP_FAILPOINTS environment variable names
 them ("create.after_image=kill,stage.after_attach=error"), which only tests set.
 
-Actions: kill (SIGKILL this process, as a crash would), error (raise an internal error)."""
+Actions: kill (SIGKILL this process, as a crash would), error (raise an internal error),
+stop (SIGSTOP this process until the test sends SIGCONT: an operation held half-way)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,5 @@ def hit(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "error":
         raise Internal(f"failpoint {name}")
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)

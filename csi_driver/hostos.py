@@ -22,6 +22,7 @@ from .runner import CommandError, Runner
 log = logging.getLogger(__name__)
 
 LOOP_MAJOR = 7
+LOOP_CTL_REMOVE = 0x4C81
 LOOP_CTL_GET_FREE = 0x4C82
 BLKROSET = 0x125D
 LOOP_GET_STATUS64 = 0x4C05
@@ -35,6 +36,8 @@ BLKGETSIZE64 = 0x80081272
 REQUIRED_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4", "mkfs.ext3",
                   "mkfs.xfs", "resize2fs", "e2fsck", "xfs_growfs", "fsfreeze", "fstrim", "cp")
 _ATTACH_RETRIES = 20
+_RACE_ERRNOS = (errno.EBUSY, errno.ENXIO, errno.ENODEV)
+"""A loop device another process took, or removed, between "find a free one" and "attach"."""
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -257,9 +260,11 @@ class HostOS:
         finally:
             os.close(fd)
 
-    def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice:
+    def attach_loop(self, image: Path, *, readonly: bool, discard: bool = True) -> LoopDevice:
         """Attach with direct I/O; fall back to buffered I/O when the kernel refuses it.
-        Attaches are serialised in this process; EBUSY from a racing process is retried."""
+        With discard=False the device refuses discards and write-zeroes (disable_discard),
+        so nothing above it can punch holes in the image. Attaches are serialised in this
+        process; a device a racing process took (EBUSY) or removed (ENXIO) is retried."""
         image_path = real_path(image)
         with baton.locked(self._attach_lock):
             existing = self.find_loop(Path(image_path))
@@ -278,8 +283,8 @@ class HostOS:
                         # losetup attached the file but could not switch on direct I/O.
                         log.warning("direct I/O refused for %s; using buffered I/O", image_path)
                         return attached
-                    if "busy" in exc.stderr.lower():
-                        continue  # another process took this device first
+                    if getattr(exc, "errno", None) in _RACE_ERRNOS or "busy" in exc.stderr.lower():
+                        continue  # another process took (or removed) this device first
                     if direct_io and "direct" in exc.stderr.lower():
                         direct_io = False
                         continue
@@ -287,18 +292,94 @@ class HostOS:
                 dev = self._read_loop(Path(device).name)
                 if dev is None or dev.backing_file != image_path:
                     continue  # lost a race between attach and read; try again
+                if not self._settle_discard(dev, discard):
+                    continue
                 if direct_io and not dev.direct_io:
                     log.warning("direct I/O not enabled on %s for %s", device, image_path)
                 return dev
             raise last or CommandError(["losetup", image_path], errno.EBUSY, "no free loop device")
 
-    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool) -> LoopDevice:
+    def _settle_discard(self, dev: LoopDevice, discard: bool) -> bool:
+        """After an attach: a thick image's device (discard=False) made to refuse discards;
+        a device that cannot discard (a thick volume left it so and its removal failed)
+        given back when discards are wanted, False then: attach another."""
+        if discard and self.discard_disabled(dev.device):
+            log.info("%s cannot discard (left so by a thick volume); using another device", dev.device)
+            self.detach_loop(dev.device)
+            return False
+        if not discard:
+            self.disable_discard(dev.device)
+        return True
+
+    def _queue_limit(self, device: str, name: str) -> int:
+        try:
+            return int(_sysread(f"{self.sys_block}/{Path(device).name}/queue/{name}") or 0)
+        except ValueError:
+            return 0
+
+    def discard_disabled(self, device: str) -> bool:
+        """Whether the device's discards were switched off (disable_discard) while its
+        backing file could take them."""
+        return (self._queue_limit(device, "discard_max_bytes") == 0
+                and self._queue_limit(device, "discard_max_hw_bytes") > 0)
+
+    def disable_discard(self, device: str) -> None:
+        """Make the loop device refuse discard and write-zeroes requests (EOPNOTSUPP), by
+        setting its queue's discard_max_bytes to 0 (Documentation/ABI/stable/sysfs-block).
+        The loop driver turns both into fallocate(PUNCH_HOLE) on the backing file
+        (drivers/block/loop.c, lo_fallocate), which is how a filesystem's online discard,
+        fstrim, ext4's lazy inode-table init and online resize, blkdiscard and an
+        application's mkfs would take a thick image's allocation away; refused, the block
+        layer writes zeros instead, which keeps it. One way: the kernel then also sets the
+        discard granularity to 0 and accepts no other value, so the device stays so until
+        it is removed (detach_loop removes it)."""
+        path = f"{self.sys_block}/{Path(device).name}/queue/discard_max_bytes"
+        if self._queue_limit(device, "discard_max_bytes") == 0:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot switch discard off on %s (%s): a discard or fstrim from above "
+                        "can give back part of this thick image; is /sys read-only?", device,
+                        exc.strerror)
+
+    def _remove_device(self, name: str) -> None:
+        """LOOP_CTL_REMOVE an unbound loop device (a new one is made on demand). Fails
+        with EBUSY while anything still has it open; tried for a moment, then left."""
+        index = int(name.removeprefix("loop"))
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fd = os.open(self.dev_dir / "loop-control", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(fd, LOOP_CTL_REMOVE, index)
+                finally:
+                    os.close(fd)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    log.info("left /dev/%s in place (cannot remove it: %s); it cannot discard "
+                             "until removed", name, exc.strerror)
+                    return
+            with baton.blocking():
+                time.sleep(0.02)
+
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
+                       discard: bool = True) -> LoopDevice:
         """Attach a loop device to the open file `fd` (of `image`) itself, so that locks
         taken through that open file last as long as the device (csi_driver.imagelock).
         Never falls back to losetup, which would open the file again, without the lock.
         Direct I/O refused by the kernel (EINVAL) is retried buffered, on the same open
-        file with O_DIRECT cleared."""
+        file with O_DIRECT cleared. As attach_loop: a device a racing process took (EBUSY)
+        or removed (ENXIO) is retried with another; discard=False makes the device refuse
+        discards (disable_discard), and a device left so is passed over for discard=True."""
         image_path = real_path(image)
+        st = os.fstat(fd)
+        wanted: FileId = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
         block_size = self.sector_size if self.sector_size > 512 else 0
         with baton.locked(self._attach_lock):
             last: linuxapi.SyscallError | None = None
@@ -309,8 +390,8 @@ class HostOS:
                                                direct_io=direct_io, block_size=block_size)
                 except linuxapi.SyscallError as exc:
                     last = exc
-                    if exc.errno == errno.EBUSY:
-                        continue  # another process took this device first
+                    if exc.errno in _RACE_ERRNOS:
+                        continue  # another process took (or removed) this device first
                     if direct_io and exc.errno == errno.EINVAL:
                         log.warning("direct I/O refused for %s; using buffered I/O", image_path)
                         direct_io = False
@@ -318,22 +399,23 @@ class HostOS:
                         continue
                     raise
                 dev = self._read_loop(Path(device).name)
-                if dev is None:
-                    continue
-                return dev
+                if dev is None or not dev.backs(image_path, wanted):
+                    continue  # lost a race between attach and read; try again
+                if self._settle_discard(dev, discard):
+                    return dev
             raise last or CommandError(["LOOP_CONFIGURE", image_path], errno.EBUSY, "no free loop device")
 
     def _bind_loop(self, device: str, image: str, *, readonly: bool, direct_io: bool) -> None:
         """LOOP_CONFIGURE; losetup when the kernel refuses it for any reason but a race
         (older kernels, O_DIRECT refused by the backing filesystem): util-linux knows
-        every fallback."""
+        every fallback. A race (the device taken, or removed, by another process) raises."""
         try:
             linuxapi.loop_configure(device, image, readonly=readonly, direct_io=direct_io,
                                     block_size=self.sector_size if self.sector_size > 512 else 0)
             return
         except linuxapi.SyscallError as exc:
-            if exc.errno == errno.EBUSY:
-                raise
+            if exc.errno in _RACE_ERRNOS:
+                raise  # taken, or removed, by another process: attach_loop takes another
             log.info("%s; attaching with losetup instead", exc)
         argv = ["losetup"]
         if direct_io:
@@ -345,8 +427,11 @@ class HostOS:
         self.runner.run([*argv, device, image], timeout=60)
 
     def detach_loop(self, device: str) -> None:
+        """Detach; a device whose discards were switched off is then removed, so that no
+        later user (a thin volume, another program) inherits a device that cannot discard."""
         name = Path(device).name
         before = self._read_loop(name)
+        crippled = before is not None and self.discard_disabled(device)
         try:
             linuxapi.loop_clear(device)
         except linuxapi.SyscallError as exc:
@@ -354,20 +439,24 @@ class HostOS:
                 raise
             # already detached, or being detached by the kernel: wait for it below
         if before is not None:
-            self._wait_released(name, before.backing_file)
+            released = self._wait_released(name, before.backing_file)
+            if crippled and released:
+                self._remove_device(name)
 
-    def _wait_released(self, name: str, backing_file: str, timeout: float = 5.0) -> None:
+    def _wait_released(self, name: str, backing_file: str, timeout: float = 5.0) -> bool:
         """While anything else holds the device open, the kernel only marks it for
         auto-clear and lets go of the file at the last close: wait for that, so a
-        DeleteVolume right after unstage does not find the volume still attached."""
+        DeleteVolume right after unstage does not find the volume still attached.
+        False when it still holds the file after `timeout`."""
         deadline = time.monotonic() + timeout
         while (dev := self._read_loop(name)) is not None and dev.backing_file == backing_file:
             if time.monotonic() > deadline:
                 log.warning("/dev/%s still holds %s %.0fs after detach; the kernel frees it "
                             "when its last opener closes it", name, backing_file, timeout)
-                return
+                return False
             with baton.blocking():
                 time.sleep(0.02)
+        return True
 
     def refresh_loop(self, device: str) -> None:
         linuxapi.loop_set_capacity(device)
@@ -403,18 +492,38 @@ class HostOS:
             return None
         return fs_from_superblock(head)
 
-    def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
+    def mkfs(self, path: str, fstype: str, *, discard: bool, prezeroed: bool = False) -> None:
+        """Make a filesystem. discard=False: mkfs discards nothing (a discard punches holes
+        in a preallocated image). prezeroed: the storage reads as zeros already (a new
+        image), so ext3/ext4 neither zero nor leave for the kernel to zero later (its lazy
+        inode-table init, which discards through a loop device) their inode tables and
+        journal: mke2fs -E assume_storage_prezeroed=1 (e2fsprogs 1.47). An older mke2fs
+        refuses the option; then the tables are zeroed at first mount, by writes where the
+        device refuses discards."""
+        extended: list[str] = []
         if fstype in ("ext3", "ext4"):
             argv = [f"mkfs.{fstype}", "-q", "-F", "-b", "4096"]
             if not discard:
-                argv += ["-E", "nodiscard"]
+                extended.append("nodiscard")
+            if prezeroed:
+                extended.append("assume_storage_prezeroed=1")
         elif fstype == "xfs":
             argv = ["mkfs.xfs", "-q", "-f", "-s", "size=4096"]
             if not discard:
                 argv.append("-K")
         else:
             raise ValueError(f"unsupported filesystem {fstype}")
-        self.runner.run([*argv, path])
+        if not extended:
+            self.runner.run([*argv, path])
+            return
+        res = self.runner.run([*argv, "-E", ",".join(extended), path], check=False)
+        if res.returncode != 0 and prezeroed and "assume_storage_prezeroed" in res.stderr + res.stdout:
+            log.info("%s does not know assume_storage_prezeroed; making %s without it", argv[0], path)
+            extended.remove("assume_storage_prezeroed=1")
+            argv += ["-E", ",".join(extended)] if extended else []
+            self.runner.run([*argv, path])
+        elif res.returncode != 0:
+            raise CommandError(res.argv, res.returncode, res.stderr or res.stdout)
 
     def grow_fs(self, fstype: str, device: str, mount_point: str) -> None:
         """Grow to the device size: online when mount_point is given, else offline
@@ -447,9 +556,14 @@ class HostOS:
         except (OSError, ValueError):
             return 0
 
-    def copy_image(self, source: Path, dest: Path) -> None:
+    def copy_image(self, source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
+        """cp the image. sparse: zeros become holes (else every byte is written: an
+        eagerzeroedthick copy); shared: a reflink where the host filesystem can (else
+        blocks of its own, which a thick copy needs: a shared block is not reserved)."""
+        argv = ["cp", f"--sparse={'always' if sparse else 'never'}",
+                f"--reflink={'auto' if shared else 'never'}", str(source), str(dest)]
         # Time follows the data (not the apparent size); allow a day for very large images.
-        self.runner.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(dest)], timeout=86400)
+        self.runner.run(argv, timeout=86400)
 
     # -- mounts -----------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ from .proto import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
 PluginCap = csi_pb2.PluginCapability
+NOT_READY_REASON_KEY = "thinloop-not-ready-reason-bin"
+"""Trailing metadata of a not-ready Probe answer: the reason, UTF-8 (`-bin`: any bytes;
+gRPC's metadata rules). thinloopctl info shows it; other clients ignore it."""
 
 
 def disk_full(settings: Settings) -> str:
@@ -76,6 +79,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
             caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.CONTROLLER_SERVICE)))
         caps.append(PluginCap(service=PluginCap.Service(
             type=PluginCap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)))
+        if self.settings.runs_controller and self.os is not None:
+            # Volume group snapshots need the volumes' files: served in mode all.
+            caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.GROUP_CONTROLLER_SERVICE)))
         if self.os is not None:
             caps.append(PluginCap(service=PluginCap.Service(type=PluginCap.Service.SNAPSHOT_METADATA_SERVICE)))
         caps.append(PluginCap(volume_expansion=PluginCap.VolumeExpansion(
@@ -86,6 +92,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         reason = readiness(self.settings, self.os)
         if reason:
             log.warning("not ready: %s", reason)
+            if context is not None:  # Probe's message has no room for a reason: say it beside it
+                context.set_trailing_metadata(((NOT_READY_REASON_KEY, reason.encode()),))
         elif self.os is not None and (full := disk_full(self.settings)):
             log.warning("ready, but %s: free space before creating or growing volumes", full)
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=not reason))

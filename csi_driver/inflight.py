@@ -80,3 +80,14 @@ class InFlight:
         """Keys held by this process."""
         with self._lock:
             return len(self._keys)
+
+
+def driver_keys(data_dir: Path, socket_path: Path, *, shared: bool) -> InFlight:
+    """The in-flight keys of the driver serving socket_path over data_dir, as that driver
+    and the operator's node commands (thinloopctl node trim, orphans) share them: in the
+    data dir in node-local mode (one driver per data dir); beside the socket in shared mode,
+    where many drivers share the datastore and a controller's key of a volume must not
+    refuse a node's call on it (the attachment record's lock orders those)."""
+    if shared:
+        return InFlight(socket_path.parent, f".{socket_path.name}.inflight")
+    return InFlight(data_dir)

@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .config import parse_address
 from .identity import disk_full, readiness
 from .nodestatus import store_totals
 
@@ -155,15 +156,6 @@ class Metrics:
         """A server.Observer: called after every RPC."""
         self.rpcs.labels(method, code).inc()
         self.latency.labels(method, code).observe(seconds)
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """host:port, :port (all interfaces) or [v6]:port."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--metrics-address {address!r}: expected host:port or :port")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 class MetricsServer:

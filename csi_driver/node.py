@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpc
 
-from . import baton, failpoints
+from . import baton, caps, failpoints
 from .config import Settings
 from .datastore import health as datastore_health
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
-from .oslayer import LoopDevice, MountEntry, file_id, real_path
+from .oslayer import LoopDevice, MountEntry
 from .proto import csi_pb2, csi_pb2_grpc
 from .runner import CommandError
 from .store import Entry, check_id, grow_image
@@ -33,7 +33,15 @@ from .validation import (
     resolve_params,
     size_from_range,
 )
-from .volumes import Volumes, device_mounts, mount_at, names_volume
+from .volumes import (
+    STAGED_DEVICE,
+    Identity,
+    Usage,
+    Volumes,
+    device_mounts,
+    mount_at,
+    publish_mounts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +71,68 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if reason:
             raise FailedPrecondition(f"volume {volume_id} is not served on this node: {reason}")
 
+    def _check_attachment(self, volume_id: str, publish_context: Mapping[str, str], readonly: bool
+                          ) -> tuple[bool, int]:
+        """Shared mode: the volume is served here and its attachment record names this
+        node with the token in publish_context (datastore.Attachments.check_stage), else
+        FAILED_PRECONDITION. Returns (read-only, the attachment's generation): a read-only
+        attachment makes the stage read-only. Node-local mode: (readonly, 0)."""
+        if self.datastore is None:
+            return readonly, 0
+        self._check_served(volume_id)
+        mine = self.datastore.attachments.check_stage(volume_id, self.settings.node_id, dict(publish_context))
+        return readonly or mine.readonly, mine.generation
+
     def _confine(self, path: str, what: str) -> str:
         return confine(path, self.settings.kubelet_dir, what)
 
-    def _unmount_own(self, volume_id: str, entry: Entry | None, path: str) -> LoopDevice | None:
-        """Unmount what this volume has at path, every stacked layer of it. Anything else
-        mounted there (another volume, another driver's mount) is refused, never touched:
-        a call naming one volume can never take something else away from a pod.
-        Returns the entry's loop device when one of its mounts was taken away here."""
-        image = real_path(entry.image) if entry is not None else ""
-        image_id = file_id(image) if entry is not None else None
+    def _own_layers(self, ident: Identity, paths: list[str], mounts: list[MountEntry]
+                    ) -> list[tuple[MountEntry, LoopDevice]]:
+        """Every mount stacked at these paths, top-most first, each with its loop device,
+        when all of them are this volume's. Anything else there (another volume, another
+        driver's mount, above or below) is refused before anything is touched: a call
+        naming one volume never takes something away from a pod, and a refused call
+        leaves the node as it found it."""
+        layers = []
+        for path in paths:
+            for m in reversed([m for m in mounts if m.mount_point == path]):
+                loop = self.os.loop_of_mount(m)
+                if not ident.owns(loop):
+                    what = f"{loop.device} ({loop.backing_file})" if loop is not None else m.source
+                    raise FailedPrecondition(f"{path} holds {what}, not volume {ident.volume_id}; "
+                                             "refusing to unmount it")
+                assert loop is not None
+                layers.append((m, loop))
+        return layers
+
+    def _unmount_own(self, ident: Identity, paths: list[str]) -> LoopDevice | None:
+        """Unmount what this volume has at these paths, every stacked layer of it, after
+        checking all of them (_own_layers). Returns the volume's current loop device when
+        one of its mounts was taken away here."""
         found: LoopDevice | None = None
-        for _ in range(8):
-            layers = [m for m in self.os.mounts() if m.mount_point == path]
-            if not layers:
-                return found
-            current = layers[-1]  # the top-most
-            loop = self.os.loop_of_mount(current)
-            ours = loop is not None and (
-                (entry is not None and loop.backs(image, image_id))
-                # The image is gone (deleted while mounted) or its identity is unknown:
-                # fall back to the path shape of this volume's image.
-                or ((loop.backing_id is None or loop.backing_file.endswith(" (deleted)"))
-                    and names_volume(loop.backing_file, volume_id)))
-            if loop is None or not ours:
-                what = f"{loop.device} ({loop.backing_file})" if loop is not None else current.source
-                raise FailedPrecondition(f"{path} holds {what}, not volume {volume_id}; refusing to unmount it")
-            self.os.unmount(path)
-            if entry is not None and loop.backs(image, image_id):
+        for m, loop in self._own_layers(ident, paths, self.os.mounts()):
+            self.os.unmount(m.mount_point)
+            if ident.is_current(loop):
                 found = loop
-            if len(layers) == 1:
-                return found  # nothing was under it: no need to read the table again
-        raise FailedPrecondition(f"{path} is still mounted after repeated unmounts")
+        left = [m.mount_point for m in self.os.mounts() if m.mount_point in paths]
+        if left:
+            raise FailedPrecondition(f"{', '.join(left)} is still mounted after unmounting it")
+        return found
+
+    def _volume_at(self, volume_id: str, entry: Entry, path: str) -> tuple[LoopDevice, MountEntry]:
+        """The volume's loop device and the mount through which `path` holds it: a mount of
+        its filesystem, a bind of its device node, or (a block volume's staging directory)
+        the staging bind inside it. NOT_FOUND when the path holds nothing, or something
+        else: the spec's answer for a volume not found at the path."""
+        mounts = self.os.mounts()
+        mount = mount_at(mounts, path) or mount_at(mounts, os.path.join(path, STAGED_DEVICE))
+        if mount is None:
+            raise NotFound(f"volume {volume_id} is not mounted at {path}")
+        loop = self.os.loop_of_mount(mount)
+        if loop is None or not self.volumes.identity(volume_id, entry).is_current(loop):
+            what = f"{loop.device} ({loop.backing_file})" if loop is not None else mount.source
+            raise NotFound(f"volume {volume_id} is not at {path}: it holds {what}")
+        return loop, mount
 
     @staticmethod
     def _remove_target(raw: str, target: str) -> None:
@@ -148,37 +186,74 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         readonly = is_read_only(request.volume_capability)
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.get(volume_id)
-            generation = 0
-            if self.datastore is not None:
-                self._check_served(volume_id)
-                mine = self.datastore.attachments.check_stage(volume_id, self.settings.node_id,
-                                                              dict(request.publish_context))
-                readonly = readonly or mine.readonly
-                generation = mine.generation
+            readonly, generation = self._check_attachment(volume_id, request.publish_context, readonly)
+            # Look at the staging path before attaching: a refused stage changes nothing.
+            if self._staged_already(entry, staging, access, request.volume_capability, readonly):
+                return csi_pb2.NodeStageVolumeResponse()
             loop, fresh = self.volumes.attach(entry, readonly=readonly, generation=generation)
             failpoints.hit("stage.after_attach")
             try:
                 if access == "mount":
                     self._stage_mount(entry, loop, staging, request.volume_capability, readonly)
+                else:
+                    self._stage_block(loop, staging)
             except BaseException:
                 if fresh and not device_mounts(self.os.mounts(), loop):
                     self.volumes.detach(volume_id, loop)
                 raise
         return csi_pb2.NodeStageVolumeResponse()
 
+    def _staged_already(self, entry: Entry, staging: str, access: str, cap: csi_pb2.VolumeCapability,
+                        readonly: bool) -> bool:
+        """True when this volume is staged at the path, compatibly; AlreadyExists when the
+        path holds something else or this volume otherwise than asked; False when the path
+        is free."""
+        if os.path.lexists(staging) and not os.path.isdir(staging):
+            raise AlreadyExists(f"{staging} exists and is not a directory")
+        mounts = self.os.mounts()
+        ident = self.volumes.identity(entry.id, entry)
+        current = mount_at(mounts, staging)
+        marker = mount_at(mounts, os.path.join(staging, STAGED_DEVICE))
+        if access == "block":
+            if current is not None:
+                raise AlreadyExists(f"{staging} has a filesystem mounted ({current.source}); a block "
+                                    "volume is staged in a directory of its own")
+            if marker is None:
+                return False
+            if not ident.is_current(self.os.loop_of_mount(marker)):
+                raise AlreadyExists(f"{staging} already stages another block volume")
+            return True
+        if marker is not None:
+            raise AlreadyExists(f"{staging} stages a block volume; it cannot also hold a filesystem")
+        if current is None:
+            return False
+        if current.root != "/" or not ident.is_current(self.os.loop_of_mount(current)):
+            raise AlreadyExists(f"{staging} already has another filesystem mounted ({current.source})")
+        wanted = cap.mount.fs_type
+        mounted_ro = readonly or "ro" in cap.mount.mount_flags  # read-only by mode or by flag
+        if (wanted and wanted != current.fstype) or current.readonly != mounted_ro:
+            raise AlreadyExists(
+                f"volume {entry.id} is staged at {staging} as {current.fstype} "
+                f"{'read-only' if current.readonly else 'read-write'}, not as requested")
+        return True  # already staged here, compatibly
+
+    def _stage_block(self, loop: LoopDevice, staging: str) -> None:
+        """Bind the device onto STAGED_DEVICE in the staging directory: the mount table
+        then records this staging path (volumes.STAGED_DEVICE)."""
+        os.makedirs(staging, exist_ok=True)
+        marker = os.path.join(staging, STAGED_DEVICE)
+        created = not os.path.lexists(marker)
+        fd = os.open(marker, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        try:
+            self.os.bind_mount(loop.device, marker, readonly=False)
+        except BaseException:
+            if created:
+                os.unlink(marker)
+            raise
+
     def _stage_mount(self, entry: Entry, loop: LoopDevice, staging: str,
                      cap: csi_pb2.VolumeCapability, readonly: bool) -> None:
-        current = mount_at(self.os.mounts(), staging)
-        if current is not None:
-            if current.major_minor != loop.major_minor or current.root != "/":
-                raise AlreadyExists(f"{staging} already has another filesystem mounted ({current.source})")
-            wanted = cap.mount.fs_type
-            mounted_ro = readonly or "ro" in cap.mount.mount_flags  # read-only by mode or by flag
-            if (wanted and wanted != current.fstype) or current.readonly != mounted_ro:
-                raise AlreadyExists(
-                    f"volume {entry.id} is staged at {staging} as {current.fstype} "
-                    f"{'read-only' if current.readonly else 'read-write'}, not as requested")
-            return  # already staged here, compatibly
         fs = self.volumes.ensure_filesystem(entry, loop, cap.mount.fs_type)
         options = self._mount_options(check_mount_flags(cap.mount.mount_flags), fs, entry.meta.reclaim, readonly)
         grow = entry.meta.needs_fs_grow and not readonly
@@ -195,21 +270,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
                           context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
+        """Take away what this staging path holds of the volume; detach the loop device
+        only when no other staging path or publish of the volume still uses it (CSI lets
+        a volume be staged at several paths on a node)."""
         require(request.volume_id, "volume_id")
         volume_id = check_id(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         staging = self._confine(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
-            loop = self._unmount_own(volume_id, entry, staging)
+            ident = self.volumes.identity(volume_id, entry)
+            marker = os.path.join(staging, STAGED_DEVICE)
+            loop = self._unmount_own(ident, [marker, staging])
+            self._remove_target(marker, marker)
             failpoints.hit("unstage.after_unmount")
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
             loop = loop or self.os.find_loop(entry.image)  # a retry finds nothing mounted
-            if loop is not None:
-                self.volumes.detach_if_unused(loop, volume_id)
-            elif self.datastore is not None:
+            still = self.volumes.detach_if_unused(loop, volume_id) if loop is not None else []
+            if loop is None and self.datastore is not None:
                 self.datastore.holders.remove(volume_id, self.settings.node_id)
+            # Left attached for other users: the last of them to unpublish detaches it.
+            self.volumes.mark_detach_when_unused(entry, bool(still))
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish --------------------------------------------------------------------------
@@ -253,7 +335,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                              mounts: list[MountEntry], staging: str, target: str) -> None:
         if cap.access_mode.mode != AccessMode.SINGLE_NODE_SINGLE_WRITER:
             return
-        others = [m.mount_point for m in device_mounts(mounts, loop)
+        others = [m.mount_point for m in publish_mounts(mounts, loop)
                   if m.mount_point not in (staging, target)]
         if others:
             raise FailedPrecondition(
@@ -268,30 +350,36 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if current.readonly != readonly:
                 raise AlreadyExists(f"{target} is already published {'read-only' if current.readonly else 'writable'}")
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.isdir(target):
             raise AlreadyExists(f"{target} is a directory; a block volume is published on a file")
+        # Every refusal before anything is made or changed.
+        flip: bool | None = None  # the device's read-only flag to set, if it changes
+        if readonly and not loop.readonly:
+            # A read-only bind of a device node still lets writers open it: the device
+            # itself must be read-only, which would fail the writers already using it.
+            if publish_mounts(mounts, loop):
+                raise FailedPrecondition(
+                    f"{loop.device} is published writable elsewhere; it cannot also be published "
+                    "read-only (that makes the whole device read-only)")
+            flip = True
+        elif not readonly and loop.readonly:
+            # Left read-only by an earlier read-only publish, or attached read-only.
+            if publish_mounts(mounts, loop) or self.os.attached_read_only(loop.device):
+                raise FailedPrecondition(
+                    f"{loop.device} is read-only (staged for reading, or published read-only "
+                    "elsewhere); it cannot also be published writable")
+            flip = False
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         created = not os.path.exists(target)
         fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         try:
-            if readonly and not loop.readonly:
-                # A read-only bind of a device node still lets writers open it: the device
-                # itself must be read-only, which would fail the writers already using it.
-                if device_mounts(mounts, loop):
-                    raise FailedPrecondition(
-                        f"{loop.device} is published writable elsewhere; it cannot also be published "
-                        "read-only (that makes the whole device read-only)")
-                self.os.set_device_readonly(loop.device, True)
-            elif not readonly and loop.readonly:
-                # Left read-only by an earlier read-only publish, or attached read-only.
-                if device_mounts(mounts, loop) or self.os.attached_read_only(loop.device):
-                    raise FailedPrecondition(
-                        f"{loop.device} is read-only (staged for reading, or published read-only "
-                        "elsewhere); it cannot also be published writable")
-                self.os.set_device_readonly(loop.device, False)
+            if flip is not None:
+                self.os.set_device_readonly(loop.device, flip)
             self.os.bind_mount(loop.device, target, readonly=readonly)
         except BaseException:
+            if flip is not None:
+                self.os.set_device_readonly(loop.device, not flip)
             if created:
                 os.unlink(target)
             raise
@@ -370,11 +458,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = self._confine(request.target_path, "target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.store.volumes.get(volume_id)
-            loop = self._unmount_own(volume_id, entry, target)
+            loop = self._unmount_own(self.volumes.identity(volume_id, entry), [target])
             self._remove_target(request.target_path, target)
             if entry is not None:
                 loop = loop or self.os.find_loop(entry.image)  # a retry finds nothing mounted
-            if loop is not None and loop.readonly and not device_mounts(self.os.mounts(), loop) \
+            if loop is not None and loop.readonly and not publish_mounts(self.os.mounts(), loop) \
                     and not self.os.attached_read_only(loop.device):
                 self.os.set_device_readonly(loop.device, False)  # set by a read-only block publish
             if entry is not None and entry.meta.ephemeral:
@@ -382,31 +470,35 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if loop is not None:
                     self.volumes.detach_if_unused(loop, volume_id)
                 self.volumes.remove(entry)
+            elif loop is not None and entry is not None and self.volumes.detach_when_unused(entry) \
+                    and not self.volumes.detach_if_unused(loop, volume_id):
+                # Its last staging path was unstaged while this publish still used the
+                # device: nothing uses it now, and it has just been detached.
+                self.volumes.mark_detach_when_unused(entry, False)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- stats and expansion --------------------------------------------------------------
 
     def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest,
                            context: grpc.ServicerContext) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """Usage of the volume at volume_path, which must hold this volume (NOT_FOUND
+        otherwise: never the figures of whatever else is mounted there, or of the host
+        disk under an empty directory)."""
         # Read-only: no in-flight guard, so kubelet's periodic stats never block an operation.
         require(request.volume_id, "volume_id")
         volume_id = check_id(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         entry = self.volumes.get(volume_id)
         path = self._volume_path(request.volume_path, "volume_path")
-        usage = self.volumes.usage(entry)
+        loop, mount = self._volume_at(volume_id, entry, path)
+        usage = Usage(loop, device_mounts(self.os.mounts(), loop))
         problems = self.volumes.health(entry, usage)
         if self.fenced.get(volume_id):
             problems.append(f"not served on this node: {self.fenced[volume_id]}")
-        mounted = mount_at(self.os.mounts(), path)
-        if mounted is None:
-            problems.append(f"nothing is mounted at {path}")
-        if usage.loop is None:
-            problems.append("no loop device is attached (volume not staged)")
         condition = csi_pb2.VolumeCondition(abnormal=bool(problems),
                                             message="; ".join(problems) or "healthy")
         Unit = csi_pb2.VolumeUsage.Unit
-        if os.path.isdir(path):
+        if mount.major_minor == loop.major_minor:  # the volume's filesystem is mounted there
             st = os.statvfs(path)
             usage_list = [
                 csi_pb2.VolumeUsage(unit=Unit.BYTES, total=st.f_blocks * st.f_frsize,
@@ -415,13 +507,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 csi_pb2.VolumeUsage(unit=Unit.INODES, total=st.f_files, available=st.f_favail,
                                     used=st.f_files - st.f_ffree),
             ]
-        else:
-            total = usage.loop.size_bytes if usage.loop is not None else entry.size_bytes()
-            usage_list = [csi_pb2.VolumeUsage(unit=Unit.BYTES, total=total)]
+        else:  # the device itself (a block publish or staging)
+            usage_list = [csi_pb2.VolumeUsage(unit=Unit.BYTES, total=loop.size_bytes)]
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage_list, volume_condition=condition)
 
     def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest,
                          context: grpc.ServicerContext) -> csi_pb2.NodeExpandVolumeResponse:
+        """Grow the image, its loop device and the filesystem this driver mounted on it.
+        volume_path must hold this volume, as for NodeGetVolumeStats (NOT_FOUND, nothing
+        changed, otherwise)."""
         require(request.volume_id, "volume_id")
         volume_id = check_id(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
@@ -429,11 +523,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             check_capability(request.volume_capability, self.modes)
         self.volumes.get(volume_id)
         self._check_served(volume_id)
-        self._volume_path(request.volume_path, "volume_path")
+        path = self._volume_path(request.volume_path, "volume_path")
         if request.staging_target_path:
             self._confine(request.staging_target_path, "staging_target_path")
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.get(volume_id)  # read under the guard: no stale metadata
+            loop, _ = self._volume_at(volume_id, entry, path)
             current = entry.size_bytes()
             rng = request.capacity_range if request.HasField("capacity_range") else None
             size = size_from_range(rng, entry.meta.fs_type, current=current)
@@ -443,15 +538,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self.volumes.check_room(size - current, f"growing volume {volume_id}")
                 grow_image(entry.image, size, entry.meta.diskformat)
                 failpoints.hit("expand.after_grow_image")
-            usage = self.volumes.usage(entry)
-            if usage.loop is not None and usage.loop.size_bytes != size:
-                self.os.refresh_loop(usage.loop.device)
+            if loop.size_bytes != size:
+                self.os.refresh_loop(loop.device)
                 failpoints.hit("expand.after_refresh")
             # Grow a filesystem only where this driver mounted one. A volume used as a raw
             # block device is the application's: whatever it put there is never touched.
-            fs_mount = self.volumes.fs_mount(usage)
-            if usage.loop is not None and fs_mount is not None:
-                self._grow_online(entry, fs_mount.fstype, usage.loop.device, fs_mount.mount_point)
+            fs_mount = self.volumes.fs_mount(Usage(loop, device_mounts(self.os.mounts(), loop)))
+            if fs_mount is not None:
+                self._grow_online(entry, fs_mount.fstype, loop.device, fs_mount.mount_point)
             elif entry.meta.fs_type:
                 self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
             log.info("expanded volume %s to %d bytes", volume_id, size)
@@ -463,12 +557,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except CommandError as exc:
             if "Permission denied" not in exc.stderr:
                 raise
-            # ext4's online resize ioctl needs CAP_SYS_RESOURCE. Grow at the next stage.
+            # The kernel checks a capability to grow a mounted filesystem (caps.py). Grow at
+            # the next stage instead, where ext3/ext4 grow unmounted.
             self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+            cap = caps.needed_to_grow(fs)
+            why = caps.why_lacking(cap) or (f"the process has {caps.NAMES[cap]}, so the kernel's refusal "
+                                            "has another cause: see the driver's log")
             raise FailedPrecondition(
-                f"the kernel refused to grow {fs} online ({exc.stderr.splitlines()[-1]}); the driver "
-                "needs CAP_SYS_RESOURCE (run it privileged). The image is already larger: the "
-                "filesystem grows at the next stage") from None
+                f"the kernel refused to grow {fs} online ({exc.stderr.splitlines()[-1]}): {why}. The image "
+                "is already larger: the filesystem grows at the next stage") from None
 
     # -- info -----------------------------------------------------------------------------
 

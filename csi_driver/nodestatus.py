@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .datalock import LOCK_FILE, DataDirLock
 from .oslayer import MountEntry, OSLayer
 from .store import Collection, Entry, Store
-from .volumes import Usage, device_mounts
+from .volumes import Usage, device_mounts, fs_type_of, is_block_staging
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class ObjectStatus:
     allocated_bytes: int
     """Blocks the image really occupies on the host filesystem."""
     fs_type: str
-    """ext3, ext4, xfs, or "block" for a raw block volume."""
+    """ext3, ext4, xfs (or what else an image made by hand holds), "block" for a raw block
+    volume, "none" for an image made by hand that holds no filesystem."""
     diskformat: str
     created: float
     source: str
@@ -88,9 +90,15 @@ class NodeStatus:
     volumes: list[ObjectStatus]
     snapshots: list[ObjectStatus]
     totals: Totals
+    driver: str | None = None
+    """The driver holding the data dir's lock ("pid <n> host <h> since <t>"), None when
+    no driver runs on it (csi_driver.datalock); in shared mode, this node's driver."""
+    datastore: str | None = None
+    """Shared mode: the datastore's name (the data dir is its mount); None: node-local."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data_dir": self.data_dir, "data_fs_type": self.data_fs_type,
+        return {"data_dir": self.data_dir, "data_fs_type": self.data_fs_type, "driver": self.driver,
+                "datastore": self.datastore,
                 "volumes": [v.to_dict() for v in self.volumes],
                 "snapshots": [s.to_dict() for s in self.snapshots],
                 "totals": self.totals.to_dict()}
@@ -143,26 +151,35 @@ def _state(entry: Entry, usage: Usage) -> tuple[str, list[str], list[str]]:
     """Split the volume's mounts into staging and publish mounts.
 
     A mounted filesystem: its first mount (mountinfo lists mounts in the order they were
-    made) is the staging mount, every later one a publish bind. Block volumes: staging only
-    attaches the loop device; every bind of the device node is a publish. Inline ephemeral
-    volumes are never staged: their one mount is the publish."""
+    made) is the staging mount, every later one a publish bind. Block volumes: a staging
+    path holds a bind of the device node on STAGED_DEVICE inside it; every other bind of
+    the device node is a publish. Inline ephemeral volumes are never staged: their one
+    mount is the publish."""
     loop = usage.loop
     if loop is None:
         return "idle", [], []
-    points = [m.mount_point for m in usage.mounts]
+    block_staged = [os.path.dirname(m.mount_point) for m in usage.mounts if is_block_staging(m)]
+    points = [m.mount_point for m in usage.mounts if not is_block_staging(m)]
     fs_mounts = [m.mount_point for m in usage.mounts if m.major_minor == loop.major_minor]
-    is_block = entry.meta.parameters.get("access_type") == "block" or not entry.meta.fs_type
     if entry.meta.ephemeral:
         staged, published = [], points
     elif fs_mounts:
         staged, published = fs_mounts[:1], [p for p in points if p != fs_mounts[0]]
     else:
         staged, published = [], points
+    staged += block_staged
     if published:
         return "published", staged, published
-    if staged or is_block:
+    if staged:
         return "staged", staged, published
     return "attached", staged, published
+
+
+def _fs_shown(entry: Entry, oslayer: OSLayer) -> str:
+    """The filesystem the image holds; "block" for a raw block volume this driver made,
+    "none" for an image made by hand that holds nothing (yet)."""
+    fs = fs_type_of(entry, oslayer)
+    return fs or ("none" if entry.hand_made else "block")
 
 
 def object_status(entry: Entry, oslayer: OSLayer, mounts: list[MountEntry]) -> ObjectStatus:
@@ -173,7 +190,7 @@ def object_status(entry: Entry, oslayer: OSLayer, mounts: list[MountEntry]) -> O
     meta = entry.meta
     return ObjectStatus(
         kind=meta.kind, id=entry.id, name=meta.name, apparent_bytes=apparent, allocated_bytes=alloc,
-        fs_type=meta.fs_type or "block", diskformat=meta.diskformat, created=meta.created,
+        fs_type=_fs_shown(entry, oslayer), diskformat=meta.diskformat, created=meta.created,
         source=f"{meta.source_kind}/{meta.source_id}" if meta.source_kind else "",
         ephemeral=meta.ephemeral, state=state if meta.kind == "volume" else "-",
         loop_device=loop.device if loop is not None else "",
@@ -181,7 +198,11 @@ def object_status(entry: Entry, oslayer: OSLayer, mounts: list[MountEntry]) -> O
         staged_at=staged, published_at=published)
 
 
-def collect(store: Store, oslayer: OSLayer) -> NodeStatus:
+def collect(store: Store, oslayer: OSLayer, lock: Path | None = None, datastore: str | None = None
+            ) -> NodeStatus:
+    """What is on this data dir and in use on this host. `lock`: the lock file whose holder
+    is the driver to name (default <data-dir>/.driver.lock, node-local mode; in shared mode
+    this node's nodes/<node-id>.lock); `datastore`: the datastore's name in shared mode."""
     mounts = oslayer.mounts()
     data_fs = filesystem_of(store.data_dir, mounts)
     return NodeStatus(
@@ -189,4 +210,6 @@ def collect(store: Store, oslayer: OSLayer) -> NodeStatus:
         data_fs_type=data_fs.fstype if data_fs is not None else "unknown",
         volumes=[object_status(e, oslayer, mounts) for e in store.volumes.entries()],
         snapshots=[object_status(e, oslayer, mounts) for e in store.snapshots.entries()],
-        totals=store_totals(store))
+        totals=store_totals(store),
+        driver=DataDirLock(lock or store.data_dir / LOCK_FILE).holder(),
+        datastore=datastore)

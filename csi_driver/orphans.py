@@ -17,10 +17,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import Aborted
+from .grouprecords import GROUPS_DIR, GroupRecords
+from .inflight import InFlight
 from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id
 from .runner import CommandError
 from .store import Store
@@ -229,12 +233,17 @@ def find(store: Store, oslayer: OSLayer, driver_name: str, node_id: str,
         report.orphans.append(Orphan("image", entry.id, f"{what} (name {entry.meta.name})",
                                      not busy, busy, str(entry.path)))
     if cluster.snapshot_handles is not None:
+        groups = GroupRecords(store.data_dir / GROUPS_DIR).membership()
         for entry in store.snapshots.entries():
             # The snapshotter records the handle only after CreateSnapshot returns.
             if entry.id not in cluster.snapshot_handles and now - entry.meta.created >= grace_seconds:
+                # A member of a volume group snapshot goes only with its group.
+                group = groups.group_of(entry.meta)
+                reason = f"part of volume group snapshot {group}: thinloopctl delete-group-snapshot {group}" \
+                    if group else ""
                 report.orphans.append(Orphan("snapshot-image", entry.id,
                                              "no VolumeSnapshotContent refers to this snapshot",
-                                             True, path=str(entry.path)))
+                                             group == "", reason, path=str(entry.path)))
     local = set(store.volumes.ids())
     for pv in ours:
         if pv.phase != "Released":
@@ -268,11 +277,26 @@ class Outcome:
         return {**self.orphan.to_dict(), "deleted": self.deleted, "message": self.message}
 
 
+def _key_of(orphan: Orphan, cluster: ClusterView | str) -> str:
+    """The in-flight key of the volume or snapshot an orphan's removal deletes, if any."""
+    if orphan.kind == "image":
+        return f"vol:{orphan.id}"
+    if orphan.kind == "snapshot-image":
+        return f"snapshot:{orphan.id}"
+    if orphan.kind == "released-pv" and not isinstance(cluster, str):
+        pv = next((p for p in cluster.pvs if p.name == orphan.id), None)
+        return f"vol:{pv.volume_handle}" if pv is not None else ""
+    return ""
+
+
 def remove(report: Report, store: Store, oslayer: OSLayer, cluster: ClusterView | str,
-           progress: Callable[[Orphan], None] | None = None) -> list[Outcome]:
+           progress: Callable[[Orphan], None] | None = None,
+           inflight: InFlight | None = None) -> list[Outcome]:
     """Remove every deletable orphan: mounts first, then loop devices, then images, then
     PersistentVolume objects (after their image). State is re-read before each step, so
-    whatever came into use since `find` is left alone."""
+    whatever came into use since `find` is left alone. With `inflight` (the data dir's
+    in-flight keys, which a running driver holds while it works on a volume or snapshot)
+    each image is removed holding its key, and one the driver is working on is skipped."""
     order = {"mount": 0, "loop": 1, "image": 2, "snapshot-image": 2, "released-pv": 3}
     outcomes: list[Outcome] = []
     for orphan in sorted(report.orphans, key=lambda o: order.get(o.kind, 9)):
@@ -282,8 +306,11 @@ def remove(report: Report, store: Store, oslayer: OSLayer, cluster: ClusterView 
         if progress is not None:
             progress(orphan)
         try:
-            message = _remove_one(orphan, store, oslayer, cluster)
+            with inflight.hold(_key_of(orphan, cluster)) if inflight is not None else nullcontext():
+                message = _remove_one(orphan, store, oslayer, cluster)
             outcomes.append(Outcome(orphan, not message.startswith("skipped"), message))
+        except Aborted as exc:
+            outcomes.append(Outcome(orphan, False, f"skipped: busy ({exc.message}); run again later"))
         except (CommandError, OSError) as exc:
             outcomes.append(Outcome(orphan, False, f"failed: {exc}"))
         except Exception as exc:  # an API error must not stop the rest

@@ -92,10 +92,19 @@ class OSLayer(Protocol):
         """The loop device a mount shows: its filesystem's device, or a bind of the node."""
         ...
 
-    def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice: ...
+    def attach_loop(self, image: Path, *, readonly: bool, discard: bool = True) -> LoopDevice:
+        """Attach (or find attached) a loop device; discard=False as disable_discard."""
+        ...
 
-    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool) -> LoopDevice:
-        """Attach the open file fd itself (the device keeps it, and its locks)."""
+    def disable_discard(self, device: str) -> None:
+        """Make the device refuse discards and write-zeroes, which the loop driver would
+        turn into holes punched in the image (thick volumes); until it is detached."""
+        ...
+
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
+                       discard: bool = True) -> LoopDevice:
+        """Attach the open file fd itself (the device keeps it, and its locks); discard as
+        attach_loop."""
         ...
 
     def detach_loop(self, device: str) -> None: ...
@@ -118,7 +127,7 @@ class OSLayer(Protocol):
         """ext3/ext4/xfs read from the superblock magic alone (no subprocess), else None."""
         ...
 
-    def mkfs(self, path: str, fstype: str, *, discard: bool) -> None: ...
+    def mkfs(self, path: str, fstype: str, *, discard: bool, prezeroed: bool = False) -> None: ...
 
     def mount(self, source: str, target: str, fstype: str, options: Sequence[str]) -> None: ...
 
@@ -136,8 +145,9 @@ class OSLayer(Protocol):
 
     def thaw(self, mount_point: str) -> None: ...
 
-    def copy_image(self, source: Path, dest: Path) -> None:
-        """Copy an image keeping holes (reflink where the host filesystem can)."""
+    def copy_image(self, source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
+        """Copy an image; sparse keeps holes, shared reflinks where the host filesystem
+        can (thick copies want neither)."""
         ...
 
     def fs_error_count(self, device: str) -> int: ...

@@ -7,8 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,15 +19,19 @@ import grpc
 from . import baton
 from .config import Settings
 from .controller import ControllerService
+from .datalock import CONTROLLERS_LOCK, LOCK_FILE, DataDirLock, DataDirLocked
 from .datastore import Datastore, DatastoreError, Heartbeat, NodeRecord, check_marker
 from .dscaps import Capabilities
 from .errors import status_of
 from .fencing import NodeFences
+from .groupcontroller import GroupControllerService
+from .groupsnapshots import GroupSnapshots
 from .hostos import HostOS, sector_size_for
 from .identity import IdentityService
-from .inflight import InFlight
+from .inflight import InFlight, driver_keys
 from .node import NodeService
 from .oslayer import OSLayer, file_id
+from .preflight import StartupError, data_dir_in_use, inspect_endpoint
 from .proto import csi_pb2_grpc
 from .runner import CommandError
 from .snapmeta import SnapshotMetadataService
@@ -47,7 +49,7 @@ Observer = Callable[[str, str, float], None]
 """Called after every RPC with (method, status code name, seconds)."""
 
 _ID_FIELDS = {"volume_id": "volume_id", "name": "req_name", "snapshot_id": "snapshot_id",
-              "source_volume_id": "source_volume_id"}
+              "source_volume_id": "source_volume_id", "group_snapshot_id": "group_snapshot_id"}
 
 
 def _subject(request: Any) -> dict[str, str]:
@@ -143,6 +145,8 @@ class Driver:
     observers: list[Observer] = field(default_factory=list)
     pool: WorkerPool | None = None
     """Handler worker processes, when the Controller and Node calls run in them."""
+    groups: GroupSnapshots | None = None
+    """Volume group snapshots (None in controller-only mode)."""
     datastore: Datastore | None = None
     """Shared mode: the datastore's records."""
     caps: Capabilities | None = None
@@ -154,6 +158,9 @@ class Driver:
     too (a split brain in the making), with the reason; the node refuses to serve them."""
     fences: NodeFences | None = None
     """Shared mode, node: what start-up recovery found about the image locks."""
+    controllers_lock: DataDirLock | None = None
+    """Shared mode, controller: the shared lock every controller of the datastore holds
+    (csi_driver.datalock.CONTROLLERS_LOCK)."""
 
     @classmethod
     def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
@@ -161,10 +168,12 @@ class Driver:
         probes its filesystem here: DatastoreError when it cannot be used."""
         if not settings.touches_files:
             return cls(settings, InFlight(), None, None, None, None)
-        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         datastore = caps = None
         if settings.shared:
             from . import dscaps
+            if not settings.data_dir.is_dir():  # never made: it is the datastore's mount
+                raise DatastoreError(f"{settings.source('data_dir')} {settings.data_dir}: no such directory; "
+                                     f"mount datastore {settings.datastore!r} there")
             done = check_marker(settings.data_dir, settings.datastore, may_create=settings.runs_controller,
                                 creator=settings.node_id)
             if done:
@@ -173,14 +182,15 @@ class Driver:
             caps = dscaps.probe(settings.data_dir, datastore.nodes if settings.runs_node else None,
                                 settings.node_id)
             dscaps.report(caps, settings.datastore)
-            # Many drivers share this data dir: keys in flight are this driver's own.
-            inflight = InFlight(settings.socket_path.parent, f".{settings.socket_path.name}.inflight")
         else:
-            inflight = InFlight(settings.data_dir)  # holds across worker processes too
+            settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Holds across worker processes too; in shared mode, this driver's keys only.
+        inflight = driver_keys(settings.data_dir, settings.socket_path, shared=settings.shared)
         os_layer = oslayer or HostOS(sector_size=sector_size_for(settings.data_dir))
         store = Store(settings.data_dir)
         volumes = Volumes(settings, store, os_layer, datastore, caps)
-        return cls(settings, inflight, os_layer, store, volumes, Snapshots(store, volumes),
+        snapshots = Snapshots(store, volumes)
+        return cls(settings, inflight, os_layer, store, volumes, snapshots, groups=GroupSnapshots(snapshots),
                    datastore=datastore, caps=caps)
 
     def recover(self) -> list[str]:
@@ -192,15 +202,60 @@ class Driver:
             return []
         shared = self.settings.shared
         actions = []
-        if not shared or self.settings.runs_controller:
-            actions += self.store.recover()
+        if shared and self.settings.runs_node:
+            actions += self.register_node()
+        if not shared:
+            actions += self.recover_unfinished()
+        elif self.settings.runs_controller:
+            actions += self.recover_as_controller()
         if not shared or self.settings.runs_node:
             actions += self.thaw_frozen()
         if shared and self.settings.runs_node:
-            actions += self.register_node() + self.recover_fences()
+            actions += self.recover_fences()
         for action in actions:
             startlog.info("recovery: %s", action)
         return actions
+
+    def recover_unfinished(self) -> list[str]:
+        """Unfinished volumes, snapshots and group snapshots, removed or finished (only by
+        the one driver that works on this data dir: its lock says so)."""
+        assert self.store is not None
+        groups = self.groups.recover() if self.groups is not None else []
+        return self.store.recover() + groups
+
+    def recover_as_controller(self) -> list[str]:
+        """Shared mode: take the controllers' shared lock on the datastore and, while no
+        other controller holds it, clear unfinished work (recover_unfinished): an
+        unfinished volume of a live controller is that controller's own work in progress,
+        never a leftover. With another controller alive, leftovers of a crash wait for a
+        controller that starts alone (they are hidden from every call meanwhile)."""
+        lock = DataDirLock(self.settings.data_dir / CONTROLLERS_LOCK, shared=True)
+        try:
+            # Another controller that is clearing leftovers holds it exclusively meanwhile.
+            lock.acquire(wait=CONTROLLER_LOCK_WAIT_SECONDS)
+        except DataDirLocked:
+            raise DatastoreError(
+                f"another controller of datastore {self.settings.datastore} has held "
+                f"{lock.path} exclusively for {CONTROLLER_LOCK_WAIT_SECONDS:g} s (start-up "
+                "recovery of a large datastore?); start this one again later") from None
+        except OSError as exc:
+            raise DatastoreError(f"cannot lock {lock.path}: {exc.strerror or exc}") from None
+        self.controllers_lock = lock
+        if not lock.exclusive_while_alone():
+            return ["unfinished work on the datastore left to a controller that starts alone: "
+                    "another controller is running"]
+        try:
+            return self.recover_unfinished()
+        finally:
+            lock.back_to_shared()
+
+    def close(self) -> None:
+        """Let go of what the driver holds on the datastore (shared mode): the node record
+        says stopped and the node-id lock goes; the controllers' lock goes."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.controllers_lock is not None:
+            self.controllers_lock.release()
 
     def register_node(self) -> list[str]:
         """Claim this node id in the datastore (refused while another driver holds it) and
@@ -250,10 +305,13 @@ class Driver:
         return actions
 
     def services(self) -> dict[str, object]:
-        """The Controller and Node servicers this process (or its workers) run."""
+        """The Controller, GroupController and Node servicers this process (or its workers)
+        run."""
         out: dict[str, object] = {}
         if self.settings.runs_controller:
             out["Controller"] = ControllerService(self.settings, self.volumes, self.snapshots, self.inflight)
+            if self.groups is not None:
+                out["GroupController"] = GroupControllerService(self.groups, self.inflight)
         if self.settings.runs_node and self.volumes is not None:
             out["Node"] = NodeService(self.settings, self.volumes, self.inflight, self.fenced)
         return out
@@ -273,6 +331,7 @@ class Driver:
     def add_services(self, server: grpc.Server) -> None:
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.settings, self.oslayer), server)
         adders = {"Controller": csi_pb2_grpc.add_ControllerServicer_to_server,
+                  "GroupController": csi_pb2_grpc.add_GroupControllerServicer_to_server,
                   "Node": csi_pb2_grpc.add_NodeServicer_to_server}
         for name, servicer in self.services().items():
             if self.pool is not None:
@@ -290,59 +349,78 @@ class Driver:
         return server
 
 
-class StartupError(RuntimeError):
-    """The driver cannot start; the message is one line for the operator."""
-
-
 def prepare_socket(path: str) -> None:
-    """Refuse symlinks, non-sockets and sockets owned by someone else; remove a stale
-    socket of ours; refuse to take over one that another process still serves."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, mode=0o750, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise StartupError(f"endpoint {path} is a symlink; refusing to use it")
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"endpoint {path} exists and is not a socket; refusing to replace it")
-    if st.st_uid != os.geteuid():
-        raise StartupError(f"endpoint {path} belongs to uid {st.st_uid}, not to this process")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
+    """Make the socket's directory; refuse what preflight.inspect_endpoint refuses (checked
+    again here: the socket may have changed since start-up began); remove a stale socket."""
+    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    if inspect_endpoint(path):
         os.unlink(path)  # nobody listens: stale
         startlog.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise StartupError(f"another process is serving {path}")
+
+
+LOCK_GRACE_SECONDS = 2.0
+CONTROLLER_LOCK_WAIT_SECONDS = 60.0
+
+
+def lock_data_dir(settings: Settings, *, create: bool = True) -> DataDirLock | None:
+    """Take the data dir's driver lock (csi_driver.datalock) before anything reads or
+    changes the data dir; None in controller-only mode, which touches no files, and, with
+    create=False, when the data dir does not exist yet (no driver can hold it then).
+    A second driver on the same data dir gets StartupError naming the holder.
+
+    None in shared mode too: many drivers share the datastore, and each holds the lock of
+    its part instead (Driver.recover: the node-id lock, the controllers' shared lock)."""
+    if not settings.touches_files or settings.shared or not (create or settings.data_dir.is_dir()):
+        return None
+    lock = DataDirLock(settings.data_dir / LOCK_FILE)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A driver restarted right after a crash may find the old one's forked workers
+        # a moment from their end (PR_SET_PDEATHSIG): give them that moment.
+        lock.acquire(wait=LOCK_GRACE_SECONDS)
+    except DataDirLocked as exc:
+        raise StartupError(data_dir_in_use(settings, exc.holder)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot lock data dir {settings.data_dir}: {exc.strerror or exc}") from None
+    return lock
 
 
 def serve(settings: Settings, driver: Driver | None = None,
           ready: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT; return the process exit code."""
+    """Run until SIGTERM/SIGINT; return the process exit code. The data dir lock is held
+    from before recovery until the handler workers have exited."""
     path = str(settings.socket_path)
-    prepare_socket(path)
+    # A driver already on this data dir is named even when it also serves this endpoint;
+    # an unsafe endpoint is refused before a data dir that does not exist is made.
+    lock = lock_data_dir(settings, create=False)
     try:
-        driver = driver or Driver.build(settings)
-        recovered = driver.recover()
-    except DatastoreError as exc:
-        raise StartupError(str(exc)) from None
-    if settings.workers and driver.volumes is not None and driver.pool is None:
-        driver.start_workers(settings.workers)  # before any thread starts: it forks
-    if driver.heartbeat is not None:
-        driver.heartbeat.start()
+        prepare_socket(path)
+        lock = lock or lock_data_dir(settings)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    built: Driver | None = driver
     try:
-        return _serve(settings, driver, recovered, ready)
-    finally:
+        try:
+            built = driver = driver or Driver.build(settings)
+            recovered = driver.recover()
+        except DatastoreError as exc:
+            raise StartupError(str(exc)) from None
+        if settings.workers and driver.volumes is not None and driver.pool is None:
+            driver.start_workers(settings.workers)  # before any thread starts: it forks
         if driver.heartbeat is not None:
-            driver.heartbeat.stop()
-        if driver.pool is not None:
-            driver.pool.close()
+            driver.heartbeat.start()
+        try:
+            return _serve(settings, driver, recovered, ready)
+        finally:
+            if driver.pool is not None:
+                driver.pool.close()
+    finally:
+        if built is not None:
+            built.close()
+        if lock is not None:
+            lock.release()
 
 
 def _serve(settings: Settings, driver: Driver, recovered: list[str],

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +53,10 @@ class Meta:
     fs_type: str = ""
     """ext3, ext4, xfs, or empty for a raw block volume"""
     diskformat: str = "thin"
+    """thin, zeroedthick or eagerzeroedthick"""
     reclaim: str = "discard"
+    """discard or none. A thick volume's is always none (set so here, whatever was
+    written: volumes made before that rule had discard by default)."""
     requested_bytes: int = 0
     created: float = 0.0
     """Unix time the object was completed."""
@@ -65,6 +69,13 @@ class Meta:
     parameters: dict[str, str] = field(default_factory=dict)
     """Parameters as given, for idempotency checks and operators."""
     node_id: str = ""
+    group_snapshot_id: str = ""
+    """For a snapshot cut as a member of a volume group snapshot: that group's id (the
+    group's record is in group-snapshots/, csi_driver.grouprecords)."""
+
+    def __post_init__(self) -> None:
+        if self.diskformat != "thin" and self.reclaim == "discard":
+            self.reclaim = "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -83,6 +94,9 @@ class Entry:
     id: str
     path: Path
     meta: Meta
+    hand_made: bool = False
+    """No readable meta.json (an image put in place by hand, for static provisioning):
+    the metadata is defaults, and what the image holds must be looked at."""
 
     @property
     def image(self) -> Path:
@@ -100,12 +114,18 @@ def fsync(fd: int) -> None:
         os.fsync(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, flags: int = 0) -> None:
+    """fsync a file by its path (a copied image, so that it survives a crash); with
+    os.O_DIRECTORY, a directory's entries."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fsync_path(path, os.O_DIRECTORY)
 
 
 def write_atomic(path: Path, data: str) -> None:
@@ -183,6 +203,21 @@ def grow_image(path: Path, size: int, diskformat: str) -> None:
         os.close(fd)
 
 
+def _rmtree_gone_is_fine(path: Path) -> None:
+    """rmtree, where an entry someone else removed meanwhile (another process finishing
+    the same deletion, e.g. `thinloopctl node orphans` beside start-up recovery) is what
+    was wanted; any other failure is raised."""
+    def handler(func: Callable[..., object], name: str, exc: object) -> None:
+        err = exc[1] if isinstance(exc, tuple) else exc  # onerror gets exc_info, onexc the exception
+        if isinstance(err, BaseException) and not isinstance(err, FileNotFoundError):
+            raise err
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=handler)
+    else:
+        shutil.rmtree(path, onerror=handler)
+
+
 def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
     """Remove a directory tree, or only the link when `path` is a symlink: nothing
     outside the data dir may be removed through a link planted in it."""
@@ -190,7 +225,10 @@ def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
         path.unlink()
         return
     with baton.blocking():  # unlinking a large image takes a while
-        shutil.rmtree(path, ignore_errors=ignore_errors)
+        if ignore_errors:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _rmtree_gone_is_fine(path)
 
 
 class Collection:
@@ -220,10 +258,10 @@ class Collection:
             meta = Meta.from_json((path / META).read_text(encoding="utf-8"))
         except FileNotFoundError:
             # Made by hand (static provisioning): everything but the image is a default.
-            meta = Meta(name=obj_id, kind=self.kind, diskformat="thin")
+            return Entry(obj_id, path, Meta(name=obj_id, kind=self.kind, diskformat="thin"), hand_made=True)
         except (ValueError, TypeError) as exc:
             log.error("%s %s: unreadable %s (%s); treating as hand-made", self.kind, obj_id, META, exc)
-            meta = Meta(name=obj_id, kind=self.kind)
+            return Entry(obj_id, path, Meta(name=obj_id, kind=self.kind), hand_made=True)
         return Entry(obj_id, path, meta)
 
     def entries(self) -> Iterator[Entry]:
@@ -234,22 +272,37 @@ class Collection:
 
     def create(self, obj_id: str, meta: Meta, build: Callable[[Path], None]) -> Entry:
         """Build the object in a temporary directory, then rename it into place."""
-        final = self.path(obj_id)
-        tmp = self.root / f"{TMP_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
-        with baton.blocking():  # a mkdir on a busy host filesystem searches inode bitmaps
-            tmp.mkdir(mode=0o700)
+        tmp = self.begin(obj_id)
         try:
             build(tmp / IMAGE)
             failpoints.hit(f"{self.kind}.create.after_build")
-            write_atomic(tmp / META, meta.to_json())  # also makes tmp's entries durable
-            failpoints.hit(f"{self.kind}.create.before_rename")
-            with baton.blocking():
-                os.rename(tmp, final)
-                _fsync_dir(self.root)
+            return self.commit(tmp, obj_id, meta)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(tmp)
             raise
+
+    def begin(self, obj_id: str) -> Path:
+        """A new temporary directory for the object (not listed; removed by `recover`)."""
+        self.path(obj_id)  # the id is checked before anything is made
+        tmp = self.root / f"{TMP_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
+        with baton.blocking():  # a mkdir on a busy host filesystem searches inode bitmaps
+            tmp.mkdir(mode=0o700)
+        return tmp
+
+    def commit(self, tmp: Path, obj_id: str, meta: Meta) -> Entry:
+        """Write the metadata into a directory made by `begin`, whose image is complete
+        and durable, and rename it into place: from here on it is listed."""
+        final = self.path(obj_id)
+        write_atomic(tmp / META, meta.to_json())  # also makes tmp's entries durable
+        failpoints.hit(f"{self.kind}.create.before_rename")
+        with baton.blocking():
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
         return Entry(obj_id, final, meta)
+
+    def discard(self, tmp: Path) -> None:
+        """Remove a directory made by `begin` that will not be committed."""
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def save_meta(self, entry: Entry, meta: Meta) -> Entry:
         write_atomic(entry.path / META, meta.to_json())

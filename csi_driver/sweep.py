@@ -39,5 +39,8 @@ def sweep(root: Path) -> list[str]:
                 host.runner.run(["umount", "--lazy", point], check=False)
     for dev in loops_under(root, host):
         found.append(f"loop {dev}")
-        host.runner.run(["losetup", "--detach", dev], check=False)
+        try:
+            host.detach_loop(dev)  # also removes a device a thick volume left unable to discard
+        except CommandError:
+            host.runner.run(["losetup", "--detach", dev], check=False)
     return found

@@ -26,6 +26,9 @@ DEFAULT_FS = "ext4"
 DISKFORMATS = ("thin", "zeroedthick", "eagerzeroedthick")
 RECLAIM_MODES = ("discard", "none")
 K8S_PREFIX = "csi.storage.k8s.io/"
+STORAGECLASS_PARAMETERS = ("fsType", "diskformat", "reclaim")
+"""What CreateVolume's parameters may hold besides csi.storage.k8s.io/* keys, of which
+csi.storage.k8s.io/fstype is read as fsType (README: StorageClass parameters)."""
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
@@ -121,12 +124,11 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
                    modes: Set[int] = SUPPORTED_MODES) -> VolumeParams:
     caps = list(caps)
     kinds = check_capabilities(caps, modes)
-    known = {"fsType", "diskformat", "reclaim"}
-    unknown = sorted(k for k in parameters if k not in known and not k.startswith(K8S_PREFIX))
+    unknown = sorted(k for k in parameters if k not in STORAGECLASS_PARAMETERS and not k.startswith(K8S_PREFIX))
     if unknown:
         raise InvalidArgument(
             f"unknown parameter(s) {', '.join(repr(k) for k in unknown)}; "
-            "accepted: fsType, diskformat, reclaim and csi.storage.k8s.io/* keys")
+            f"accepted: {', '.join(STORAGECLASS_PARAMETERS)} and {K8S_PREFIX}* keys")
     p_fs = {parameters.get("fsType", ""), parameters.get(K8S_PREFIX + "fstype", "")} - {""}
     cap_fs = capability_fs(caps)
     wanted = p_fs | ({cap_fs} - {""})
@@ -141,12 +143,26 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
     diskformat = parameters.get("diskformat", "thin")
     if diskformat not in DISKFORMATS:
         raise InvalidArgument(f"diskformat {diskformat!r} is not supported; use one of {', '.join(DISKFORMATS)}")
-    reclaim = parameters.get("reclaim", "discard")
-    if reclaim not in RECLAIM_MODES:
-        raise InvalidArgument(f"reclaim {reclaim!r} is not supported; use one of {', '.join(RECLAIM_MODES)}")
+    reclaim = check_reclaim(diskformat, parameters.get("reclaim"))
     access = "both" if len(kinds) > 1 else kinds.pop()
     extra = {k: v for k, v in parameters.items() if k.startswith(K8S_PREFIX)}
     return VolumeParams(fs, diskformat, reclaim, access, extra, explicit)
+
+
+def check_reclaim(diskformat: str, reclaim: str | None) -> str:
+    """The reclaim mode of a volume of this diskformat: the one given, else `discard` for
+    thin and `none` for thick. A thick volume promises to keep its whole size allocated
+    on the node, and discard gives freed blocks back: asking for both is refused."""
+    if reclaim is None:
+        return "discard" if diskformat == "thin" else "none"
+    if reclaim not in RECLAIM_MODES:
+        raise InvalidArgument(f"reclaim {reclaim!r} is not supported; use one of {', '.join(RECLAIM_MODES)}")
+    if reclaim == "discard" and diskformat != "thin":
+        raise InvalidArgument(
+            f"reclaim 'discard' cannot go with diskformat {diskformat!r}: a {diskformat} volume keeps "
+            "its whole size allocated on the node, and discard would give freed blocks back to it; "
+            "use reclaim 'none' (the default for thick volumes) or diskformat 'thin'")
+    return reclaim
 
 
 def round_up(value: int, unit: int) -> int:
@@ -224,6 +240,9 @@ def confine(path: str, root: Path, what: str) -> str:
         raise InvalidArgument(f"{what} is too long")
     real = os.path.realpath(path)
     real_root = _real_root(str(root))
-    if real == real_root or os.path.commonpath([real, real_root]) != real_root:
+    if real == real_root:
+        raise InvalidArgument(f"{what} {path[:200]!r} is the kubelet directory {root} itself; it must "
+                              "be a path below it")
+    if os.path.commonpath([real, real_root]) != real_root:
         raise InvalidArgument(f"{what} {path[:200]!r} is outside the kubelet directory {root}")
     return real

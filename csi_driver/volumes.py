@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,9 +18,10 @@ from .config import Settings
 from .datastore import Datastore, Holder
 from .dscaps import Capabilities
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .oslayer import LoopDevice, MountEntry, OSLayer, file_id, real_path
-from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, room_for
-from .validation import VolumeParams
+from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id, real_path
+from .runner import CommandError
+from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, fsync_path, room_for
+from .validation import VolumeParams, check_reclaim
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,76 @@ def names_volume(backing_file: str, volume_id: str) -> bool:
     return re.search(pattern, backing_file) is not None
 
 
+STAGED_DEVICE = "thinloop-device"
+"""A block volume is staged by binding its loop device onto this file in the staging
+directory: the mount table then shows every staging path of the volume, as it does for a
+filesystem volume's staging mounts, and a staging path survives a driver restart."""
+
+
+DETACH_WHEN_UNUSED = "detach-when-unused"
+"""In a volume's directory while its loop device was left attached by an unstage because
+a publish (or another staging path) still used it: the NodeUnpublish that leaves the device
+unused detaches it. Only an unstage writes it, so a device staged by a driver before block
+staging paths were mounts (attached with no mount) is never detached by an unpublish."""
+
+
 def device_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
     """Mounts of the loop's filesystem and bind mounts of its device node."""
     name = "/" + Path(loop.device).name
     return [m for m in mounts if m.major_minor == loop.major_minor
             or (m.root == name and m.fstype in ("devtmpfs", "tmpfs"))]
+
+
+def is_block_staging(mount: MountEntry) -> bool:
+    """Whether a mount is a block volume's staging bind (STAGED_DEVICE)."""
+    return os.path.basename(mount.mount_point) == STAGED_DEVICE
+
+
+def publish_mounts(mounts: list[MountEntry], loop: LoopDevice) -> list[MountEntry]:
+    """device_mounts less block staging binds: the mounts through which a pod may write."""
+    return [m for m in device_mounts(mounts, loop) if not is_block_staging(m)]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How to tell a volume's loop devices from any other's: by the image's identity
+    (its file's device and inode, which LOOP_GET_STATUS64 reports for the device), and,
+    where that cannot be known (the image is gone: deleted while mounted, or moved to the
+    trash), by the path shape of this volume's image."""
+
+    volume_id: str
+    image: str
+    """The image's real path; empty when the volume does not exist."""
+    image_id: FileId | None
+
+    def owns(self, loop: LoopDevice | None) -> bool:
+        if loop is None:
+            return False
+        if self.image and loop.backs(self.image, self.image_id):
+            return True
+        unknown = loop.backing_id is None or loop.backing_file.endswith(" (deleted)")
+        return unknown and names_volume(loop.backing_file, self.volume_id)
+
+    def is_current(self, loop: LoopDevice | None) -> bool:
+        """The device of the image as it is now (not of a deleted one)."""
+        return loop is not None and bool(self.image) and loop.backs(self.image, self.image_id)
+
+
+def fs_type_of(entry: Entry, oslayer: OSLayer) -> str:
+    """The filesystem the volume's image holds, "" for none. The metadata's for a volume
+    this driver made (it made that filesystem, or none for a raw block volume); for an
+    image made by hand, whatever is really there now: the superblock (ext3/ext4/xfs, one
+    read) or else blkid -p (any other type), so listings agree with the image before and
+    after a stage formats it."""
+    if not entry.hand_made:
+        return entry.meta.fs_type
+    found = oslayer.superblock_fs(str(entry.image))
+    if found is None:
+        try:
+            found = oslayer.probe_fs(str(entry.image))
+        except CommandError as exc:
+            log.warning("cannot tell what %s holds: %s", entry.image, exc)
+    return found or ""
 
 
 def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
@@ -110,6 +178,12 @@ class Volumes:
 
     # -- lookup -------------------------------------------------------------------------
 
+    def identity(self, volume_id: str, entry: Entry | None) -> Identity:
+        if entry is None:
+            return Identity(volume_id, "", None)
+        image = real_path(entry.image)
+        return Identity(volume_id, image, file_id(image))
+
     def get(self, volume_id: str) -> Entry:
         entry = self.store.volumes.get(volume_id)
         if entry is None:
@@ -142,7 +216,7 @@ class Volumes:
         room = self.available_bytes()
         if size > room:
             raise ResourceExhausted(
-                f"{what} needs {size} bytes but node {self.settings.node_id} has {room} available "
+                f"{what} needs {size} bytes but {self.where} has {room} available "
                 f"(free space minus unused thin promises, overcommit ratio {self.settings.overcommit_ratio})")
 
     # -- creation -----------------------------------------------------------------------
@@ -168,60 +242,110 @@ class Volumes:
                 create_image(image, size, params.diskformat)
                 failpoints.hit("create.after_image")
                 if params.fs_type:
-                    self.os.mkfs(str(image), params.fs_type, discard=params.diskformat == "thin")
+                    thin = params.diskformat == "thin"
+                    self.os.mkfs(str(image), params.fs_type, discard=thin, prezeroed=not thin)
 
         if source is not None:
-            src_size = source[1].size_bytes()
-            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and size > src_size)
+            # The copy's filesystem is the source's, grown at the first stage when the copy
+            # is larger or the source still owed a growth (deferred, e.g. refused online).
+            owed = source[1].meta.needs_fs_grow or size > source[1].size_bytes()
+            meta = replace(meta, needs_fs_grow=bool(params.fs_type) and owed)
         entry = self.store.volumes.create(volume_id, meta, build)
         log.info("created volume %s: %d bytes, %s, %s", volume_id, size,
                  params.fs_type or "block", params.diskformat)
         return entry
 
-    def copy_consistent(self, source: Entry, dest: Path) -> None:
+    def copy_consistent(self, source: Entry, dest: Path, diskformat: str = "thin") -> None:
         """Copy the source's image with its filesystem frozen when it is mounted, so the
         copy is filesystem-consistent; then make the copy durable. (A volume in use as a
         raw block device cannot be frozen: its copy is only as consistent as the writer
-        makes it; the README says so.)
+        makes it; the README says so.) The copy is made for `diskformat`: thin keeps
+        holes and shares blocks (reflink) where it can; a thick copy gets blocks of its
+        own, and an eagerzeroedthick one has every byte written. Shared mode: see
+        `frozen` (the copy holds a shared lock on a source not attached by this node)."""
+        with self.frozen([source]):
+            self.os.copy_image(source.image, dest, sparse=diskformat != "eagerzeroedthick",
+                               shared=diskformat == "thin")
+            failpoints.hit("copy.while_frozen")
+        fsync_path(dest)
 
-        Shared mode, source not attached here: the copy holds a shared lock on the source
-        for its whole length, so no node can attach it read-write meanwhile, and a volume a
-        node has attached read-write (whose filesystem could only be frozen there) is
-        refused with FAILED_PRECONDITION. This host's cached pages of the source are
-        dropped first: they may predate what a node wrote through its own client."""
-        usage = self.usage(source)
-        frozen = self.fs_mount_point(usage)
-        guard = -1
-        if self.datastore is not None and usage.loop is None:
-            try:
-                guard = imagelock.open_locked(source.image, readonly=True, direct=False)
-            except imagelock.LockHeld:
-                held = self.datastore.holders.describe(source.id) or "another node"
+    @contextmanager
+    def frozen(self, entries: Sequence[Entry]) -> Iterator[list[str]]:
+        """Freeze the filesystem of every entry that is mounted on this node, in the order
+        given, and thaw them all (in the reverse order) when the block ends, however it
+        ends. Yields the mount points frozen. A failure to freeze one thaws those already
+        frozen. Callers that freeze several volumes pass them in a stable order (sorted by
+        id), so two calls over overlapping sets cannot wait on each other. Raw block
+        volumes, and volumes not mounted here, are not frozen (FIFREEZE needs a mounted
+        filesystem: Documentation/filesystems/vfs.rst, freeze_fs).
+
+        Shared mode: an entry this node has not attached may be attached on another node,
+        whose filesystem only that node could freeze. For the whole block each such entry
+        is held under a shared lock on its image (csi_driver.imagelock), so no node can
+        attach it read-write meanwhile, and this host's cached pages of it are dropped
+        first (they may predate what a node wrote through its own client). Entries that
+        another node has attached read-write (their images locked exclusively) are
+        refused, all named in one FAILED_PRECONDITION, before anything is frozen."""
+        points: list[str] = []
+        failed = False
+        guards = self._copy_guards(entries)
+        try:
+            for entry in entries:
+                point = self.fs_mount_point(self.usage(entry))
+                if point and point not in points:
+                    self.os.freeze(point)
+                    points.append(point)
+            yield points
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            first: BaseException | None = None
+            for point in reversed(points):
+                try:
+                    self.os.thaw(point)
+                except Exception as exc:  # thaw the rest whatever one of them did
+                    log.error("cannot thaw %s: %s", point, exc)
+                    first = first or exc
+            for fd in guards:
+                os.close(fd)
+            if first is not None and not failed:
+                raise first
+
+    def _copy_guards(self, entries: Sequence[Entry]) -> list[int]:
+        """Shared mode: a shared lock on the image of each entry this node's driver has not
+        attached itself (see `frozen`), taken in the order given; the descriptors that hold
+        them. FAILED_PRECONDITION naming every entry some client has locked exclusively
+        (attached read-write), holding none. Node-local mode: none."""
+        if self.datastore is None:
+            return []
+        guards: list[int] = []
+        refused: list[str] = []
+        try:
+            for entry in entries:
+                if self.settings.runs_node and self.os.find_loop(entry.image) is not None:
+                    continue  # attached by this node: frozen here if mounted
+                try:
+                    fd = imagelock.open_locked(entry.image, readonly=True, direct=False)
+                except imagelock.LockHeld:
+                    held = self.datastore.holders.describe(entry.id) or "a node the records do not name"
+                    refused.append(f"{entry.id} (attached read-write on {held})")
+                    continue
+                guards.append(fd)
+                imagelock.drop_cache(fd)
+            if refused:
                 raise FailedPrecondition(
-                    f"volume {source.id} is attached read-write on {held}: its filesystem can only be "
-                    "frozen there, so a copy taken now would not be consistent; snapshot or clone it "
-                    "while it is detached or attached read-only") from None
-            imagelock.drop_cache(guard)
-        try:
-            if frozen:
-                self.os.freeze(frozen)
-            try:
-                self.os.copy_image(source.image, dest)
-                failpoints.hit("copy.while_frozen")
-            finally:
-                if frozen:
-                    self.os.thaw(frozen)
-        finally:
-            if guard >= 0:
-                os.close(guard)
-        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fsync(fd)
-        finally:
-            os.close(fd)
+                    f"volume(s) {'; '.join(refused)}: a filesystem can only be frozen on the node that "
+                    "has it attached, so a copy taken now would not be consistent; snapshot or clone "
+                    "while detached or attached read-only")
+        except BaseException:
+            for fd in guards:
+                os.close(fd)
+            raise
+        return guards
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
-        self.copy_consistent(source, image)
+        self.copy_consistent(source, image, params.diskformat)
         failpoints.hit("restore.after_copy")
         fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -239,21 +363,26 @@ class Volumes:
     # -- node-side helpers --------------------------------------------------------------
 
     def attach(self, entry: Entry, *, readonly: bool, generation: int = 0) -> tuple[LoopDevice, bool]:
-        """The loop device of this image, attaching one if there is none.
-        Returns (device, newly_attached). Shared mode: see attach_fenced."""
+        """The loop device of this image, attaching one if there is none. A thick
+        volume's device refuses discards (OSLayer.disable_discard), whoever attached it.
+        Returns (device, newly_attached). Shared mode: see attach_fenced (`generation` is
+        the attachment's, for the holder record)."""
+        thin = entry.meta.diskformat == "thin"
         loop = self.os.find_loop(entry.image)
         if loop is not None:
+            if not thin:
+                self.os.disable_discard(loop.device)
             return loop, False
         if self.datastore is None:
-            return self.os.attach_loop(entry.image, readonly=readonly), True
-        return self.attach_fenced(entry, readonly, generation), True
+            return self.os.attach_loop(entry.image, readonly=readonly, discard=thin), True
+        return self.attach_fenced(entry, readonly, generation, discard=thin), True
 
-    def attach_fenced(self, entry: Entry, readonly: bool, generation: int) -> LoopDevice:
+    def attach_fenced(self, entry: Entry, readonly: bool, generation: int, *, discard: bool) -> LoopDevice:
         """Lock the whole image through the datastore (exclusive, or shared for read-only)
         on one open of it, and give the loop device that very open file: the lock then
         lasts as long as the device is attached (csi_driver.imagelock). Another client's
         lock refuses it: FAILED_PRECONDITION naming the holder as far as the records know.
-        Then record this node as a holder."""
+        Then record this node as a holder. `discard` as OSLayer.attach_loop."""
         assert self.datastore is not None
         direct = self.caps is None or bool(self.caps.o_direct)
         try:
@@ -264,7 +393,8 @@ class Volumes:
             # Pages this host cached from an earlier attach predate what other nodes wrote
             # since (buffered I/O when the datastore has no O_DIRECT; the superblock read).
             imagelock.drop_cache(fd)
-            loop = self.os.attach_loop_fd(fd, entry.image, readonly=readonly, direct_io=direct)
+            loop = self.os.attach_loop_fd(fd, entry.image, readonly=readonly, direct_io=direct,
+                                          discard=discard)
         finally:
             os.close(fd)
         try:
@@ -321,16 +451,34 @@ class Volumes:
             return fs
         if requested and found != requested:
             raise FailedPrecondition(
-                f"volume {entry.id} holds a {found} filesystem, not the {requested} requested; "
+                f"volume {entry.id} holds an existing filesystem of type {found}, not the {requested} requested; "
                 "it will not be reformatted")
         return found
 
-    def detach_if_unused(self, loop: LoopDevice, volume_id: str | None = None) -> None:
-        still = device_mounts(self.os.mounts(), loop)
+    def detach_if_unused(self, loop: LoopDevice, volume_id: str | None = None) -> list[str]:
+        """Detach the device unless a staging path or publish still uses it (a mount of
+        its filesystem, a bind of its node); returns where it is still used. Shared mode:
+        detach as `detach` does (the holder record of volume_id goes too)."""
+        still = [m.mount_point for m in device_mounts(self.os.mounts(), loop)]
         if still:
-            raise FailedPrecondition(
-                f"{loop.device} is still mounted at {', '.join(m.mount_point for m in still)}")
+            log.info("%s stays attached: still used at %s", loop.device, ", ".join(still))
+            return still
         self.detach(volume_id, loop)
+        return []
+
+    def mark_detach_when_unused(self, entry: Entry, on: bool) -> None:
+        """Record (or clear) that the volume's device outlived its staging paths
+        (DETACH_WHEN_UNUSED). Not made durable: lost in a crash, the device merely stays
+        attached until the volume is staged and unstaged again."""
+        mark = entry.path / DETACH_WHEN_UNUSED
+        if on:
+            with baton.blocking():
+                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        else:
+            mark.unlink(missing_ok=True)
+
+    def detach_when_unused(self, entry: Entry) -> bool:
+        return (entry.path / DETACH_WHEN_UNUSED).exists()
 
     def health(self, entry: Entry, usage: Usage | None = None, view: HostView | None = None) -> list[str]:
         """Problems with the volume, empty when it is healthy."""
@@ -397,16 +545,22 @@ class Volumes:
 
     def modify(self, entry: Entry, changes: dict[str, str]) -> Entry:
         """Apply mutable parameters to a live volume: thin -> zeroedthick preallocates the
-        image; reclaim switches online discard on or off (remounting if mounted)."""
+        image (and the volume's reclaim becomes none, its device stops discarding);
+        reclaim switches online discard on or off (remounting if mounted). Every change is
+        checked before any is made: a refused call changes nothing."""
         meta = entry.meta
         target = changes.get("diskformat", meta.diskformat)
+        if target != meta.diskformat and (meta.diskformat, target) != ("thin", "zeroedthick"):
+            raise InvalidArgument(
+                f"diskformat can change from thin to zeroedthick on a live volume, "
+                f"not from {meta.diskformat} to {target}")
+        # A thick volume's reclaim is none unless discard is asked for, which is refused.
+        reclaim = check_reclaim(target, changes.get("reclaim", meta.reclaim if target == "thin" else None))
+        st = os.stat(entry.image)
         if target != meta.diskformat:
-            if (meta.diskformat, target) != ("thin", "zeroedthick"):
-                raise InvalidArgument(
-                    f"diskformat can change from thin to zeroedthick on a live volume, "
-                    f"not from {meta.diskformat} to {target}")
-            st = os.stat(entry.image)
             self.check_room(max(0, st.st_size - st.st_blocks * 512), f"preallocating {entry.id}")
+        usage = self.usage(entry)
+        if target != meta.diskformat:
             fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 with room_for(f"to preallocate {entry.id}"):
@@ -415,11 +569,10 @@ class Volumes:
                     fsync(fd)
             finally:
                 os.close(fd)
-            meta = replace(meta, diskformat=target)
-        reclaim = changes.get("reclaim", meta.reclaim)
+            if usage.loop is not None:
+                self.os.disable_discard(usage.loop.device)
         if reclaim != meta.reclaim:
-            mount_point = self.fs_mount_point(self.usage(entry))
+            mount_point = self.fs_mount_point(usage)
             if mount_point:
                 self.os.remount(mount_point, ["discard" if reclaim == "discard" else "nodiscard"])
-            meta = replace(meta, reclaim=reclaim)
-        return self.store.volumes.save_meta(entry, meta)
+        return self.store.volumes.save_meta(entry, replace(meta, diskformat=target, reclaim=reclaim))

@@ -3,8 +3,8 @@
 A Python process runs one thread of Python at a time, and at concurrency 8 the driver's
 handlers kept one core busy while the other waited (docs/benchmarks.md). So the gRPC
 server, start-up recovery, metrics, Identity and the streaming SnapshotMetadata calls stay
-in the first process (the front), and every unary Controller and Node call goes, as its
-serialized request, to a worker process. A worker runs the same handler objects the front
+in the first process (the front), and every unary Controller, GroupController and Node
+call goes, as its serialized request, to a worker process. A worker runs the same handler objects the front
 would have (with the baton, as in one process) and sends back the serialized response or
 the status the call ended with.
 
@@ -64,7 +64,7 @@ from .proto import csi_pb2
 
 log = logging.getLogger(__name__)
 
-FORWARDED = ("Controller", "Node")
+FORWARDED = ("Controller", "GroupController", "Node")
 """Services whose calls run in the workers (all their calls are unary)."""
 
 DEFAULT_IDLE_SECONDS = 10.0

@@ -3,12 +3,12 @@
 plain commands (the floor), both in alternation, the data path with fio, and the driver at
 1,000 volumes.
 
-    bench.py lifecycle --endpoint unix:///run/csi.sock --kubelet-dir /var/lib/kubelet
-    bench.py raw --count 20 --concurrency 1,8
-    bench.py compare --count 20 --rounds 3 --concurrency 1,2,4,8,16 --plot docs/img
-    bench.py fio --runtime 10
-    bench.py scale --volumes 1000
-    bench.py shared --moves 20 --runtime 10       # shared mode on a GlusterFS of its own
+    .venv/bin/python scripts/bench.py lifecycle --endpoint unix:///run/csi.sock --kubelet-dir /var/lib/kubelet
+    .venv/bin/python scripts/bench.py raw --count 20 --concurrency 1,8
+    .venv/bin/python scripts/bench.py compare --count 20 --rounds 3 --concurrency 1,2,4,8,16 --plot docs/img
+    .venv/bin/python scripts/bench.py fio --runtime 10
+    .venv/bin/python scripts/bench.py scale --volumes 1000
+    .venv/bin/python scripts/bench.py shared --moves 20 --runtime 10   # shared mode on a GlusterFS of its own
 
 Every mode takes --json FILE. Needs root, loop devices, mkfs and mount. Every run removes the
 loop devices and mounts it made, also on failure and on Ctrl-C.
@@ -1031,12 +1031,16 @@ def mode_shared(args: argparse.Namespace) -> dict[str, Any]:
     with bench_root(Path(args.base_dir)) as root, shared_mounts(root, args.datastore_dirs) as data:
         for d in data.values():
             d.mkdir(parents=True, exist_ok=True)
+        # A directory of the mount, not the mount point: made a datastore by hand, as
+        # `thinloopctl datastore init` does (a controller makes one only on a mount point).
+        from csi_driver.datastore import init_marker
+        init_marker(data["ctl"], "bench", "bench.py")
         common = ["--datastore", "bench", "--log-level", "warning"]
         drivers = {h: LocalDriver(root / h, [*common, "--mode", "controller" if h == "ctl" else "node"],
                                   data=data[h], node_id=h) for h in ("ctl", "a", "b")}
         clients: dict[str, CsiClient] = {}
         try:
-            for h, drv in drivers.items():  # the controller first: it makes the datastore's marker
+            for h, drv in drivers.items():
                 drv.start()
                 clients[h] = CsiClient.connect(drv.endpoint)
             from csi_driver.dscaps import fs_type_of

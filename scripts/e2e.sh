@@ -6,6 +6,12 @@
 #
 #   scripts/e2e.sh
 #   E2E_NAMESPACE=mine E2E_KEEP=1 scripts/e2e.sh   # keep the namespace after
+#   scripts/e2e.sh --shared                        # the shared-datastore driver (or E2E_SHARED=1)
+#
+# --shared needs the shared-datastore driver (deploy/kubernetes/overlays/
+# shared-datastore) and at least two schedulable nodes whose node plugin
+# reports the datastore; it moves examples/shared-deployment.yaml from node to
+# node and checks the data each time (docs/shared-datastore.md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -242,6 +248,10 @@ check_statefulset() {
 }
 
 main() {
+  if [[ "${1:-}" == "--shared" || "${E2E_SHARED:-0}" == "1" ]]; then
+    main_shared
+    return
+  fi
   kubectl get csidriver thinloop.csi.io >/dev/null || { echo "thinloop is not installed in this cluster" >&2; exit 1; }
   echo "context: $(kubectl config current-context), namespace: ${NS}"
   kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -259,6 +269,152 @@ main() {
   run_check "static PersistentVolume over the kept image has its data" check_static_pv
   cleanup_static
   run_check "StatefulSet replicas each get their own volume" check_statefulset
+
+  echo "${PASSED} passed, ${FAILED} failed"
+  ((FAILED == 0))
+}
+
+# --- shared datastore (--shared) ---------------------------------------------
+
+SHARED_DRIVER=shared.thinloop.csi.io
+DATASTORE_KEY=topology.thinloop.csi.io/datastore
+SHARED_APP=shared-app
+SHARED_CLAIM=shared-data
+CORDONED=""
+
+# The Deployment's running pod that is not being deleted.
+shared_pod() {
+  k get pods -l "app=${SHARED_APP}" \
+    -o jsonpath='{range .items[*]}{.metadata.name} {.status.phase} {.metadata.deletionTimestamp}{"\n"}{end}' \
+    | awk '$2 == "Running" && $3 == "" { print $1; exit }'
+}
+shared_ready() { k rollout status "deployment/${SHARED_APP}" --timeout="${WAIT}s" >/dev/null; }
+# The nodes whose shared node plugin reports the datastore, one per line.
+datastore_nodes() { kubectl get nodes -l "$DATASTORE_KEY" -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}'; }
+# node names of the VolumeAttachments of PersistentVolume $1, one per line.
+attached_nodes() {
+  kubectl get volumeattachments \
+    -o jsonpath='{range .items[*]}{.spec.source.persistentVolumeName} {.spec.nodeName} {.status.attached}{"\n"}{end}' \
+    | awk -v pv="$1" '$1 == pv { print $2, $3 }'
+}
+# The one attachment of PV $1 is to node $2 and attached.
+attached_only_to() { [[ "$(attached_nodes "$1")" == "$2 true" ]]; }
+pod_on_other_node() {
+  local pod node
+  pod="$(shared_pod)" && [[ -n "$pod" ]] || return 1
+  node="$(node_of "$pod")" && [[ -n "$node" && "$node" != "$1" ]]
+}
+pod_on_node() {
+  local pod
+  pod="$(shared_pod)" && [[ -n "$pod" ]] && [[ "$(node_of "$pod")" == "$1" ]]
+}
+shared_data_dir() {
+  local name root
+  name="$(kubectl -n "$DRIVER_NS" get configmap thinloop-shared-config -o jsonpath='{.data.datastoreName}')" || return 1
+  root="$(kubectl -n "$DRIVER_NS" get configmap thinloop-shared-config -o jsonpath='{.data.datastoreMountRoot}')" || return 1
+  echo "${root}/${name}"
+}
+# Volume ids on the datastore, seen through the shared node plugin on node $1.
+datastore_volumes() {
+  local pod dir
+  dir="$(shared_data_dir)" || return 1
+  pod="$(kubectl -n "$DRIVER_NS" get pods -l app.kubernetes.io/name=thinloop,app.kubernetes.io/component=shared-node \
+    --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}')" || return 1
+  kubectl -n "$DRIVER_NS" exec "$pod" -c thinloop -- ls -1 "${dir}/volumes"
+}
+volume_gone_from_datastore() {
+  local ids
+  ids="$(datastore_volumes "$1")" || return 1
+  ! grep -qx "$2" <<<"$ids"
+}
+
+uncordon() {
+  if [[ -n "$CORDONED" ]]; then
+    kubectl uncordon "$CORDONED" >/dev/null || true
+    CORDONED=""
+  fi
+}
+
+cleanup_shared() {
+  uncordon
+  cleanup
+}
+
+SHARED_FIRST_NODE=""
+SHARED_PV=""
+
+check_shared_write() {
+  local pod
+  k apply -f "${EX}/shared-deployment.yaml" || return 1
+  shared_ready || return 1
+  pod="$(shared_pod)" || return 1
+  SHARED_FIRST_NODE="$(node_of "$pod")" || return 1
+  SHARED_PV="$(pv_of "$SHARED_CLAIM")" || return 1
+  k exec "$pod" -- sh -c "echo '${TOKEN}' > /data/e2e.txt && sync" || return 1
+  file_is "$pod" /data/e2e.txt "$TOKEN" || return 1
+  log "pod ${pod} on ${SHARED_FIRST_NODE}, volume ${SHARED_PV}"
+  attached_only_to "$SHARED_PV" "$SHARED_FIRST_NODE"
+}
+
+# Cordon the pod's node and delete the pod: the Deployment's new pod must start
+# on another node with the same data, and the attachment must follow it.
+check_shared_move() {
+  local pod node
+  CORDONED="$SHARED_FIRST_NODE"
+  kubectl cordon "$SHARED_FIRST_NODE" >/dev/null || return 1
+  k delete pod -l "app=${SHARED_APP}" --wait=true --timeout="${WAIT}s" || return 1
+  retry "$WAIT" pod_on_other_node "$SHARED_FIRST_NODE" || return 1
+  shared_ready || return 1
+  pod="$(shared_pod)" || return 1
+  node="$(node_of "$pod")" || return 1
+  log "moved from ${SHARED_FIRST_NODE} to ${node}"
+  file_is "$pod" /data/e2e.txt "$TOKEN" || return 1
+  # nodes.log: one line per start, the first node then this one.
+  [[ "$(read_file "$pod" /data/nodes.log | tail -n 2 | tr '\n' ' ')" == "${SHARED_FIRST_NODE} ${node} " ]] || return 1
+  retry "$WAIT" attached_only_to "$SHARED_PV" "$node"
+}
+
+# Back to the first node with a nodeSelector change (a new rollout).
+check_shared_move_back() {
+  local pod
+  uncordon
+  k patch deployment "$SHARED_APP" --type merge \
+    -p "{\"spec\":{\"template\":{\"spec\":{\"nodeSelector\":{\"kubernetes.io/hostname\":\"${SHARED_FIRST_NODE}\"}}}}}" \
+    || return 1
+  shared_ready || return 1
+  retry "$WAIT" pod_on_node "$SHARED_FIRST_NODE" || return 1
+  pod="$(shared_pod)" || return 1
+  file_is "$pod" /data/e2e.txt "$TOKEN" || return 1
+  retry "$WAIT" attached_only_to "$SHARED_PV" "$SHARED_FIRST_NODE"
+}
+
+check_shared_delete() {
+  local handle
+  handle="$(handle_of_pv "$SHARED_PV")" || return 1
+  k delete deployment "$SHARED_APP" --wait=true --timeout="${WAIT}s" || return 1
+  k delete pvc "$SHARED_CLAIM" --wait=true --timeout="${WAIT}s" || return 1
+  retry "$WAIT" pv_gone "$SHARED_PV" || return 1
+  retry 60 volume_gone_from_datastore "$SHARED_FIRST_NODE" "$handle" || return 1
+  log "volume ${handle} removed from the datastore"
+}
+
+main_shared() {
+  local nodes
+  kubectl get csidriver "$SHARED_DRIVER" >/dev/null \
+    || { echo "the shared-datastore driver is not installed in this cluster" >&2; exit 1; }
+  nodes="$(datastore_nodes | grep -c . || true)"
+  if ((nodes < 2)); then
+    echo "--shared needs two nodes labelled ${DATASTORE_KEY} (found ${nodes})" >&2
+    exit 1
+  fi
+  echo "context: $(kubectl config current-context), namespace: ${NS}, ${nodes} nodes see the datastore"
+  kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  trap cleanup_shared EXIT
+
+  run_check "pod writes data to a volume on the datastore" check_shared_write
+  run_check "pod moved to another node (cordon + delete) reads the same data" check_shared_move
+  run_check "pod moved back (nodeSelector) reads the same data" check_shared_move_back
+  run_check "deleted claim: image gone from the datastore" check_shared_delete
 
   echo "${PASSED} passed, ${FAILED} failed"
   ((FAILED == 0))

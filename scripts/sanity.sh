@@ -3,15 +3,16 @@
 # driver with mount volumes and with block volumes, then the shared-mode driver (--datastore,
 # ControllerPublish with fencing) with mount volumes. Prints csi-sanity's summary lines; exits
 # non-zero on any failure. Exits 0 with a SKIPPED: line when csi-sanity is not on PATH.
-# SANITY_DATASTORE_DIR: run the shared mode on that directory (a shared filesystem's mount)
-# instead of a local temp one. SANITY_BIN: another csi-sanity binary (e.g. csi-sanity-master).
-# SANITY_RUNS: which runs, of "mount block shared" (the default: all three).
+# CSI_SANITY names another build (e.g. CSI_SANITY=csi-sanity-master); SANITY_ARGS adds
+# csi-sanity flags (e.g. SANITY_ARGS=-ginkgo.focus=GroupController). SANITY_RUNS: which runs,
+# of "mount block shared" (the default: all three). SANITY_DATASTORE_DIR: run the shared mode
+# on a directory of that shared filesystem's mount instead of a local temp one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SANITY=${SANITY_BIN:-csi-sanity}
+SANITY=${CSI_SANITY:-csi-sanity}
 if ! command -v "$SANITY" >/dev/null 2>&1; then
-  echo "SKIPPED: csi-sanity is not on PATH (build it from kubernetes-csi/csi-test: cmd/csi-sanity)"
+  echo "SKIPPED: $SANITY is not on PATH (build it from kubernetes-csi/csi-test: cmd/csi-sanity)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -50,7 +51,10 @@ trap cleanup EXIT
   --kubelet-dir "$work" --node-id sanity-node --log-level warning 2>"$work/driver.log" &
 driver_pid=$!
 # Shared mode: controller and node in one process, as csi-sanity calls both on one socket.
-# An attach limit lets the attach-limit spec run (-csi.testnodevolumeattachlimit).
+# An attach limit lets the attach-limit spec run (-csi.testnodevolumeattachlimit). The
+# datastore is a plain directory here, not a mount point: made a datastore by hand, once.
+mkdir -p "$shared_data"
+"$PYTHON" -m csi_driver.ctl datastore init --data-dir "$shared_data" --name sanity >/dev/null
 "$PYTHON" -m csi_driver --endpoint "unix://$shared_sock" --data-dir "$shared_data" \
   --kubelet-dir "$work" --node-id sanity-node --datastore sanity --max-volumes-per-node 16 \
   --log-level warning 2>"$work/shared-driver.log" &

@@ -3,7 +3,7 @@
 temporary directory, and print the driver's open fds, threads, loop devices, mounts and
 RSS at the start (after a short warm-up) and at the end. Flat figures mean no leak.
 
-    sudo python scripts/soak.py --lifecycles 1000
+    .venv/bin/python scripts/soak.py --lifecycles 1000      (as root, after scripts/install-deps.sh --test)
 
 Each lifecycle: CreateVolume, NodeStageVolume, NodePublishVolume, a write and fsync
 through the published path, NodeGetVolumeStats, NodeUnpublishVolume, NodeUnstageVolume,
@@ -207,7 +207,7 @@ def run(lifecycles: int, root: Path, progress: Callable[[str], None] | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lifecycles", "-n", type=int, default=1000, help="how many (default 1000)")
     p.add_argument("--dir", type=Path, default=None, help="work dir (default: a new temp dir, removed after)")
     a = p.parse_args(argv)

@@ -23,6 +23,7 @@ class FakeOS:
         self.missing: list[str] = []
         self.kept: dict[int, int] = {}
         """Loop index -> a copy of the open file attach_loop_fd was given, as the kernel keeps it."""
+        self.no_discard: set[int] = set()
 
     def _dev(self, index: int) -> LoopDevice:
         image = self.loops[index]
@@ -45,23 +46,30 @@ class FakeOS:
                 return dev
         return None
 
-    def attach_loop(self, image: Path, *, readonly: bool) -> LoopDevice:
+    def attach_loop(self, image: Path, *, readonly: bool, discard: bool = True) -> LoopDevice:
         self.calls.append(("attach", str(image)))
         index = next(i for i in range(1024) if i not in self.loops)
         self.loops[index] = os.path.realpath(image)
         if readonly:
             self.readonly.add(index)
+        if not discard:
+            self.no_discard.add(index)
         return self._dev(index)
 
-    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool) -> LoopDevice:
-        dev = self.attach_loop(image, readonly=readonly)
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
+                       discard: bool = True) -> LoopDevice:
+        dev = self.attach_loop(image, readonly=readonly, discard=discard)
         self.kept[int(dev.device.removeprefix("/dev/loop"))] = os.dup(fd)
         return dev
+
+    def disable_discard(self, device: str) -> None:
+        self.no_discard.add(int(device.removeprefix("/dev/loop")))
 
     def detach_loop(self, device: str) -> None:
         self.calls.append(("detach", device))
         index = int(device.removeprefix("/dev/loop"))
         self.loops.pop(index, None)
+        self.no_discard.discard(index)
         if index in self.kept:
             os.close(self.kept.pop(index))
 
@@ -86,7 +94,7 @@ class FakeOS:
     def superblock_fs(self, path: str) -> str | None:
         return self.probe_fs(path)
 
-    def mkfs(self, path: str, fstype: str, *, discard: bool) -> None:
+    def mkfs(self, path: str, fstype: str, *, discard: bool, prezeroed: bool = False) -> None:
         self.calls.append(("mkfs", path, fstype))
         if self.probe_fs(path) is not None:
             raise AssertionError(f"mkfs over an existing filesystem on {path}")
@@ -131,7 +139,7 @@ class FakeOS:
     def thaw(self, mount_point: str) -> None:
         self.frozen.discard(mount_point)
 
-    def copy_image(self, source: Path, dest: Path) -> None:
+    def copy_image(self, source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
         shutil.copyfile(source, dest)
 
     def fs_error_count(self, device: str) -> int:

@@ -14,6 +14,8 @@ from csi_driver.proto import csi_pb2
 
 MIB = 1 << 20
 GIB = 1 << 30
+SIZES = {"ext4": 64 * MIB, "xfs": 320 * MIB, "block": 32 * MIB}
+"""A small volume of each kind (mkfs.xfs needs 300 MiB)."""
 
 
 def cap_for(fs: str) -> csi_pb2.VolumeCapability:

@@ -4,20 +4,30 @@
 
 CRD_URL="https://raw.githubusercontent.com/kubernetes-csi/external-snapshotter/${SNAPSHOTTER_VERSION}/client/config/crd"
 
-install_snapshot_support() {
-  if kubectl get crd volumesnapshots.snapshot.storage.k8s.io >/dev/null 2>&1; then
-    log "snapshot CRDs already installed"
-  else
-    log "installing snapshot CRDs ${SNAPSHOTTER_VERSION}"
-    kubectl apply \
-      -f "${CRD_URL}/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
-      -f "${CRD_URL}/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
-      -f "${CRD_URL}/snapshot.storage.k8s.io_volumesnapshots.yaml"
-    kubectl wait --for=condition=Established --timeout=60s \
-      crd/volumesnapshotclasses.snapshot.storage.k8s.io \
-      crd/volumesnapshotcontents.snapshot.storage.k8s.io \
-      crd/volumesnapshots.snapshot.storage.k8s.io
+# install_crds GROUP KIND...: the CRDs of the external-snapshotter release, unless the
+# first is there already.
+install_crds() {
+  local group=$1; shift
+  if kubectl get crd "$1.${group}" >/dev/null 2>&1; then
+    log "${group} CRDs already installed"
+    return
   fi
+  log "installing ${group} CRDs ${SNAPSHOTTER_VERSION}"
+  local kind files=() names=()
+  for kind in "$@"; do
+    files+=(-f "${CRD_URL}/${group}_${kind}.yaml")
+    names+=("crd/${kind}.${group}")
+  done
+  kubectl apply "${files[@]}"
+  kubectl wait --for=condition=Established --timeout=60s "${names[@]}"
+}
+
+install_snapshot_support() {
+  install_crds snapshot.storage.k8s.io volumesnapshots volumesnapshotclasses volumesnapshotcontents
+  # csi-snapshotter runs with the CSIVolumeGroupSnapshot gate, and then starts no
+  # controller until these v1 CRDs exist.
+  install_crds groupsnapshot.storage.k8s.io \
+    volumegroupsnapshots volumegroupsnapshotclasses volumegroupsnapshotcontents
   local existing
   existing="$(kubectl get deployments --all-namespaces \
     -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name} {.spec.template.spec.containers[*].image}{"\n"}{end}' \
@@ -25,6 +35,7 @@ install_snapshot_support() {
   if [[ -n "$existing" ]]; then
     log "snapshot-controller already running: ${existing%% *}"
     log "it must run with --enable-distributed-snapshotting for thinloop snapshots"
+    log "and with --feature-gates=CSIVolumeGroupSnapshot=true for group snapshots"
   else
     log "installing snapshot-controller ${SNAPSHOTTER_VERSION} (distributed snapshotting)"
     kubectl apply -k "${ROOT}/deploy/snapshot-controller"

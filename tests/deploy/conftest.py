@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .manifests import KUSTOMIZE_DIR, Obj, kustomize, render_chart
+from .manifests import KUSTOMIZE_DIR, SHARED_VALUES, Obj, kustomize, render_chart
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +15,13 @@ def base() -> list[Obj]:
 @pytest.fixture(scope="session")
 def chart() -> list[Obj]:
     return render_chart()
+
+
+@pytest.fixture(scope="session")
+def shared() -> list[Obj]:
+    return kustomize(KUSTOMIZE_DIR / "overlays" / "shared-datastore")
+
+
+@pytest.fixture(scope="session")
+def shared_chart() -> list[Obj]:
+    return render_chart(SHARED_VALUES)

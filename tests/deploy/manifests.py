@@ -21,6 +21,15 @@ SCRIPTS = [ROOT / "scripts" / n for n in ("kind-up.sh", "minikube-up.sh", "e2e.s
 SHELL_FILES = sorted([*(ROOT / "scripts").glob("*.sh"), *(ROOT / "scripts" / "lib").glob("*.sh"), ROOT / ".ci" / "run"])
 NAMESPACE = "thinloop"
 
+# The shared-datastore deployment (docs/shared-datastore.md): its driver name
+# and topology key are the contract the driver's --datastore mode implements
+# (tests/deploy/test_shared.py checks the driver agrees once it has the flag).
+SHARED_DRIVER_NAME = "shared.thinloop.csi.io"
+DATASTORE_TOPOLOGY_KEY = "topology.thinloop.csi.io/datastore"
+SHARED_OVERLAYS = ("shared-datastore", "shared-datastore-nfs")
+# Chart values that render what overlays/shared-datastore renders.
+SHARED_VALUES: dict[str, Any] = {"nodeLocal": {"enabled": False}, "sharedDatastore": {"enabled": True}}
+
 Obj = dict[str, Any]
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from csi_driver.config import DEFAULT_DRIVER_NAME, TOPOLOGY_KEY, parse_settings
 
 from .manifests import (
     CHART_DIR,
+    DATASTORE_TOPOLOGY_KEY,
     EXAMPLES_DIR,
     KUSTOMIZE_DIR,
     ROOT,
@@ -206,6 +208,7 @@ def test_sidecar_flags(base: list[Obj]) -> None:
     assert envs == {"NODE_NAME": "spec.nodeName", "NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
     snap = node["csi-snapshotter"]
     assert flag(snap, "--node-deployment") == "true"
+    assert flag(snap, "--feature-gates") == "CSIVolumeGroupSnapshot=true"  # the gate of v8.6.0
     assert snap["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     assert flag(node["liveness-probe"], "--health-port") == "9808"
     probe = node["thinloop"]["livenessProbe"]["httpGet"]
@@ -267,6 +270,7 @@ def test_images_pinned(base: list[Obj], chart: list[Obj]) -> None:
     assert all(f"/external-snapshotter/{snap_tag}/" in r for r in sc["resources"])
     assert sc["images"] == [{"name": "registry.k8s.io/sig-storage/snapshot-controller", "newTag": snap_tag}]
     assert "--enable-distributed-snapshotting=true" in yaml.safe_dump(sc["patches"])
+    assert "--feature-gates=CSIVolumeGroupSnapshot=true" in yaml.safe_dump(sc["patches"])
     for script in SCRIPTS[:2]:
         assert f'SNAPSHOTTER_VERSION="{snap_tag}"' in script.read_text()
 
@@ -279,12 +283,14 @@ def test_topology_key(base: list[Obj]) -> None:
     assert term["key"] == TOPOLOGY_KEY
     docs = (ROOT / "docs" / "deploy.md").read_text()
     assert TOPOLOGY_KEY in docs
-    # Any topology.* key mentioned in deployment files is the driver's.
+    # Any topology.* key mentioned in deployment files is one of the driver's
+    # (node-local, or shared datastore: tests/deploy/test_shared.py).
+    keys = {TOPOLOGY_KEY, DATASTORE_TOPOLOGY_KEY}
     for path in [*iter_files(EXAMPLES_DIR), *KUSTOMIZE_DIR.rglob("*.yaml"), *CHART_DIR.rglob("*.yaml")]:
         for m in re.finditer(r"topology\.[a-z0-9.]+/[a-z]+", path.read_text()):
-            assert m.group(0) == TOPOLOGY_KEY, path
+            assert m.group(0) in keys, path
     for m in re.finditer(r"topology\.[a-z0-9.]+/[a-z]+", docs):
-        assert m.group(0) == TOPOLOGY_KEY
+        assert m.group(0) in keys
 
 
 def test_examples_cover_the_issue() -> None:
@@ -310,7 +316,7 @@ def test_examples_cover_the_issue() -> None:
 
 
 CLUSTER_SCOPED = {"Namespace", "CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass",
-                  "VolumeSnapshotClass", "PersistentVolume"}
+                  "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "PersistentVolume"}
 
 
 def test_namespaces(base: list[Obj], chart: list[Obj]) -> None:
@@ -322,3 +328,44 @@ def test_namespaces(base: list[Obj], chart: list[Obj]) -> None:
                 assert ns is None, f"{obj['kind']} {obj['metadata']['name']} has namespace {ns}"
             else:
                 assert ns == "thinloop", f"{obj['kind']} {obj['metadata']['name']}"
+
+
+def test_group_snapshot_example_selects_both_claims(base: list[Obj]) -> None:
+    """The VolumeGroupSnapshot's selector picks exactly the two claims of one pod, names
+    the deployed class, and the restore fills one claim from each member snapshot."""
+    objs = load_all((EXAMPLES_DIR / "group-snapshot.yaml").read_text())
+    group = find(objs, "VolumeGroupSnapshot")
+    selector = group["spec"]["source"]["selector"]["matchLabels"]
+    claims = [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+    chosen = [c["metadata"]["name"] for c in claims if selector.items() <= c["metadata"]["labels"].items()]
+    assert chosen == ["thinloop-db-data", "thinloop-db-wal"]
+    pod_claims = [v["persistentVolumeClaim"]["claimName"] for v in find(objs, "Pod")["spec"]["volumes"]]
+    assert sorted(pod_claims) == chosen, "one pod uses both: they are made on one node"
+    assert group["spec"]["volumeGroupSnapshotClassName"] == \
+        find(base, "VolumeGroupSnapshotClass")["metadata"]["name"]
+    restored = [o for o in load_all((EXAMPLES_DIR / "group-restore.yaml").read_text())
+                if o["kind"] == "PersistentVolumeClaim"]
+    assert [(r["spec"]["dataSource"]["kind"], r["spec"]["dataSource"]["name"]) for r in restored] == \
+        [("VolumeSnapshot", "${DATA_SNAPSHOT}"), ("VolumeSnapshot", "${WAL_SNAPSHOT}")]
+
+
+def test_data_dir_mount_needs_no_shared_root(base: list[Obj], chart: list[Obj]) -> None:
+    """A container mount with propagation other than None fails to start on a host whose
+    / is a private mount (no systemd); the data dir holds no mount the host needs."""
+    for _, objs in all_renderings(base, chart):
+        ds = find(objs, "DaemonSet", "thinloop-node")
+        mount = next(m for m in containers(ds)["thinloop"]["volumeMounts"] if m["name"] == "data-dir")
+        assert "mountPropagation" not in mount
+
+
+def test_default_storage_class_component(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(KUSTOMIZE_DIR, overlay)],  # kustomize takes relative paths only
+        "components": [os.path.relpath(KUSTOMIZE_DIR / "components" / "default-storageclass", overlay)]}))
+    objs = kustomize(overlay)
+    marked = {o["metadata"]["name"]: o["metadata"].get("annotations", {}) for o in objs if o["kind"] == "StorageClass"}
+    assert marked["thinloop"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert [n for n, a in marked.items() if a] == ["thinloop"]

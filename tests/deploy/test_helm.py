@@ -90,3 +90,29 @@ def test_chart_lints() -> None:
     assert result["errors"] == []
     # Severity 1 is INFO (e.g. "icon is recommended"); nothing worse.
     assert all(m["severity"] <= 1 for m in result["messages"]), result["messages"]
+
+
+def test_group_snapshots_can_be_switched_off() -> None:
+    """On a cluster without the groupsnapshot.storage.k8s.io v1 CRDs the gate must be off
+    (csi-snapshotter would start no controller): no gate, no rules, no class."""
+    on = render_chart()
+    assert "--feature-gates=CSIVolumeGroupSnapshot=true" in containers(find(on, "DaemonSet"))["csi-snapshotter"]["args"]
+    assert find(on, "VolumeGroupSnapshotClass")["driver"] == "thinloop.csi.io"
+    off = render_chart({"groupSnapshots": {"enabled": False}})
+    assert not [a for a in containers(find(off, "DaemonSet"))["csi-snapshotter"]["args"] if "feature-gates" in a]
+    assert not [o for o in off if o["kind"] == "VolumeGroupSnapshotClass"]
+    assert "groupsnapshot.storage.k8s.io" not in yaml.safe_dump(off)
+
+
+def test_a_default_storage_class_can_be_chosen() -> None:
+    objs = render_chart({"defaultStorageClass": "thinloop-xfs"})
+    marked = {o["metadata"]["name"]: o["metadata"].get("annotations", {}) for o in objs if o["kind"] == "StorageClass"}
+    assert marked["thinloop-xfs"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert [n for n, a in marked.items() if a] == ["thinloop-xfs"]
+    plain = render_chart()
+    assert not [o for o in plain if o["kind"] == "StorageClass" and o["metadata"].get("annotations")]
+
+
+def test_a_default_storage_class_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(Exception, match="defaultStorageClass \"nope\" names none of storageClasses"):
+        render_chart({"defaultStorageClass": "nope"})

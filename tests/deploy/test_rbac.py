@@ -7,7 +7,8 @@ external-snapshotter v8.6.0), adjusted to how thinloop runs them:
 - provisioner and snapshotter run with --node-deployment, which does no
   leader election: no leases;
 - --capacity-ownerref-level=1 reads only the pod (no replicasets);
-- group snapshots are not enabled: no groupsnapshot.storage.k8s.io rules.
+- csi-snapshotter runs with --feature-gates=CSIVolumeGroupSnapshot=true, so it
+  has the groupsnapshot.storage.k8s.io rules of that RBAC.
 node-driver-registrar and livenessprobe use no API at all.
 """
 
@@ -55,6 +56,10 @@ REQUIRED: dict[str, dict[Scope, set[Rule]]] = {
             | rules("snapshot.storage.k8s.io", "volumesnapshotclasses", WATCH)
             | rules("snapshot.storage.k8s.io", "volumesnapshotcontents", ("get", "list", "watch", "update", "patch"))
             | rules("snapshot.storage.k8s.io", "volumesnapshotcontents/status", ("update", "patch"))
+            | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", WATCH)
+            | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents",
+                    ("get", "list", "watch", "update", "patch"))
+            | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", ("update", "patch"))
         ),
         "namespace": set(),
     },

@@ -2,9 +2,9 @@
 
 Core kinds use the strict JSON schemas that kubernetes-validate bundles per
 Kubernetes release (no network). CRD-typed objects (snapshot.storage.k8s.io,
-monitoring.coreos.com) have no core schema and their CRDs are not available
-offline here, so they are checked against small structural schemas below,
-written from the fields the CRDs define.
+groupsnapshot.storage.k8s.io, monitoring.coreos.com) have no core schema and
+their CRDs are not available offline here, so they are checked against small
+structural schemas below, written from the fields the CRDs define.
 """
 
 from __future__ import annotations
@@ -14,7 +14,16 @@ from typing import Any
 import jsonschema
 import pytest
 
-from .manifests import EXAMPLES_DIR, KUSTOMIZE_DIR, METRICS_DIR, Obj, iter_files, kustomize, load_all
+from .manifests import (
+    EXAMPLES_DIR,
+    KUSTOMIZE_DIR,
+    METRICS_DIR,
+    SHARED_OVERLAYS,
+    Obj,
+    iter_files,
+    kustomize,
+    load_all,
+)
 
 kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
@@ -57,18 +66,20 @@ _MONITOR_SPEC = {
     },
 }
 
-CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "driver", "deletionPolicy"],
-        "properties": {
-            "apiVersion": {}, "kind": {}, "metadata": _META,
-            "driver": {"type": "string", "minLength": 1},
-            "deletionPolicy": {"enum": ["Delete", "Retain"]},
-            "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
-        },
-        "additionalProperties": False,
+_SNAPSHOT_CLASS = {  # VolumeSnapshotClass and VolumeGroupSnapshotClass have the same fields
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "driver", "deletionPolicy"],
+    "properties": {
+        "apiVersion": {}, "kind": {}, "metadata": _META,
+        "driver": {"type": "string", "minLength": 1},
+        "deletionPolicy": {"enum": ["Delete", "Retain"]},
+        "parameters": {"type": "object", "additionalProperties": {"type": "string"}},
     },
+    "additionalProperties": False,
+}
+
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): _SNAPSHOT_CLASS,
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -84,6 +95,41 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                         "properties": {
                             "persistentVolumeClaimName": {"type": "string"},
                             "volumeSnapshotContentName": {"type": "string"},
+                        },
+                        "minProperties": 1,
+                        "maxProperties": 1,
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshotClass"): _SNAPSHOT_CLASS,
+    ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {}, "kind": {}, "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["source"],
+                "properties": {
+                    "volumeGroupSnapshotClassName": {"type": "string"},
+                    "source": {
+                        "type": "object",
+                        "properties": {
+                            "selector": {
+                                "type": "object",
+                                "properties": {
+                                    "matchLabels": _LABEL_SELECTOR["properties"]["matchLabels"],
+                                    "matchExpressions": {"type": "array", "items": {"type": "object"}},
+                                },
+                                "minProperties": 1,
+                                "additionalProperties": False,
+                            },
+                            "volumeGroupSnapshotContentName": {"type": "string"},
                         },
                         "minProperties": 1,
                         "maxProperties": 1,
@@ -164,7 +210,7 @@ def test_kustomize_base_validates(base: list[Obj]) -> None:
         validate(obj)
 
 
-@pytest.mark.parametrize("overlay", ["microk8s", "k0s"])
+@pytest.mark.parametrize("overlay", ["microk8s", "k0s", *SHARED_OVERLAYS])
 def test_overlays_validate(overlay: str) -> None:
     for obj in kustomize(KUSTOMIZE_DIR / "overlays" / overlay):
         validate(obj)
@@ -173,6 +219,20 @@ def test_overlays_validate(overlay: str) -> None:
 def test_helm_chart_validates(chart: list[Obj]) -> None:
     assert len(chart) >= 15
     for obj in chart:
+        validate(obj)
+
+
+def test_shared_kinds_have_schemas(shared: list[Obj], shared_chart: list[Obj]) -> None:
+    """The shared-datastore objects (PodDisruptionBudget, PV, PVC too) are all validated."""
+    nfs = kustomize(KUSTOMIZE_DIR / "overlays" / "shared-datastore-nfs")
+    for obj in shared + shared_chart + nfs:
+        if (obj["apiVersion"], obj["kind"]) not in CRD_SCHEMAS:
+            kv.validate(obj, K8S_VERSION)
+
+
+def test_shared_helm_chart_validates(shared_chart: list[Obj]) -> None:
+    assert len(shared_chart) >= 20
+    for obj in shared_chart:
         validate(obj)
 
 
@@ -199,6 +259,10 @@ def test_structural_schemas_reject_mistakes() -> None:
            "metadata": {"name": "x"}, "driver": "thinloop.csi.io", "deletionPolicy": "Keep"}
     with pytest.raises(jsonschema.ValidationError):
         validate(bad)
+    group = {"apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshot",
+             "metadata": {"name": "x"}, "spec": {"source": {"selector": {"matchLabel": {"a": "b"}}}}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate(group)
     typo = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": "x"},
             "spec": {"selector": {}, "podMetricEndpoints": [{"port": "metrics"}]}}
     with pytest.raises(jsonschema.ValidationError):

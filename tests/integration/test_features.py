@@ -11,14 +11,14 @@ import time
 import grpc
 import pytest
 
+from csi_driver import caps
 from csi_driver.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
 from tests.conftest import Driver
-from tests.helpers import GIB, MIB, cap_for, code_of, create, delete, down, read_sum, tree, up, write_data
+from tests.helpers import GIB, MIB, SIZES, cap_for, code_of, create, delete, down, read_sum, tree, up, write_data
 
 pytestmark = pytest.mark.root
 
-SIZES = {"ext4": 64 * MIB, "xfs": 320 * MIB, "block": 32 * MIB}
 
 
 def snapshot(c: CsiClient, vid: str, name: str) -> csi_pb2.Snapshot:
@@ -183,18 +183,48 @@ def test_online_expansion(driver: Driver, fs: str) -> None:
     delete(c, vol.volume_id)
 
 
-def test_ext4_expansion_while_unstaged_grows_at_next_stage(driver: Driver) -> None:
+@pytest.mark.skipif(not caps.why_lacking(caps.CAP_SYS_RESOURCE),
+                    reason="this host grants CAP_SYS_RESOURCE: ext4 grows online, nothing is refused")
+def test_ext4_online_growth_refusal_says_which_capability_is_missing_and_what_grants_it(driver: Driver) -> None:
+    c = driver.client
+    vol = create(c, "grow-refused", 64 * MIB)
+    p = up(c, vol.volume_id, str(driver.kubelet_dir), "ext4")
+    rng = csi_pb2.CapacityRange(required_bytes=128 * MIB)
+    with pytest.raises(grpc.RpcError) as err:
+        c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=p.target, staging_target_path=p.staging, capacity_range=rng))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    detail = err.value.details() or ""
+    assert caps.why_lacking(caps.CAP_SYS_RESOURCE) in detail, detail
+    assert "run it privileged)" not in detail and "grows at the next stage" in detail
+    down(c, p)
+    delete(c, vol.volume_id)
+
+
+def test_ext4_expansion_needs_the_volume_at_its_path_and_grows_by_the_next_stage(driver: Driver) -> None:
+    """NodeExpandVolume grows the volume found at volume_path; an unstaged volume's old,
+    empty target is not it (NOT_FOUND, nothing grown). Staged, it grows: online with
+    CAP_SYS_RESOURCE, else the image now and the filesystem at the next stage."""
     c = driver.client
     vol = create(c, "grow-offline", 64 * MIB)
     p = up(c, vol.volume_id, str(driver.kubelet_dir), "ext4")
     digest = write_data(p)
     down(c, p)
     os.makedirs(p.target)
+    image = driver.data_dir / "volumes" / vol.volume_id / "disk.img"
     rng = csi_pb2.CapacityRange(required_bytes=192 * MIB)
-    c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-        volume_id=vol.volume_id, volume_path=p.target, capacity_range=rng))
+    assert code_of(c.node.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest(
+        volume_id=vol.volume_id, volume_path=p.target, capacity_range=rng)) == grpc.StatusCode.NOT_FOUND
+    assert os.stat(image).st_size == 64 * MIB, "a refused expansion grew the image"
     os.rmdir(p.target)
     p = up(c, vol.volume_id, str(driver.kubelet_dir), "ext4")
+    try:
+        c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=p.staging, capacity_range=rng))
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in str(exc.details())
+        down(c, p)
+        p = up(c, vol.volume_id, str(driver.kubelet_dir), "ext4")
     assert fs_size(p.target) > 150 * MIB
     assert read_sum(p) == digest
     down(c, p)

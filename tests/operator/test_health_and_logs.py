@@ -4,6 +4,7 @@ visible (log, metric, thinloopctl info), and one JSON log line per RPC with no s
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import grpc
@@ -52,10 +53,12 @@ def test_probe_is_ready_for_the_livenessprobe_sidecar(driver: Driver) -> None:
     assert driver.client.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
 
 
-def test_not_ready_reason_is_logged_exported_and_shown(workdir: Path, run_ctl: Ctl,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    hidden = path_without(workdir, "mkfs.xfs")
-    d = Driver(workdir, extra_args=["--metrics-address", "127.0.0.1:0"], env={"PATH": hidden}).start()
+def test_not_ready_reason_is_logged_exported_and_shown(workdir: Path, run_ctl: Ctl) -> None:
+    # A tool missing at start stops the driver there (tests/reliability/test_startup_errors.py);
+    # one that goes missing later makes Probe answer not ready.
+    tools = path_without(workdir, "")
+    d = Driver(workdir, extra_args=["--metrics-address", "127.0.0.1:0"], env={"PATH": tools}).start()
+    (Path(tools) / "mkfs.xfs").unlink()
     try:
         port = wait_for_metrics_port(d)
         assert d.client.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
@@ -64,13 +67,18 @@ def test_not_ready_reason_is_logged_exported_and_shown(workdir: Path, run_ctl: C
         assert value(s, "thinloop_ready", node=NODE_ID) == 0
         assert value(s, "thinloop_not_ready", node=NODE_ID, reason="missing tools: mkfs.xfs") == 1
 
-        monkeypatch.setenv("PATH", hidden)  # thinloopctl run beside the driver sees the same host
-        info = run_ctl(f"--endpoint=unix://{d.socket}", "-o", "json", "info", "--data-dir", str(d.data_dir))
+        # The reason is the one that very Probe found, as the driver gives it: thinloopctl
+        # need not share the driver's host, PATH or data dir (this test process has mkfs.xfs).
+        info = run_ctl(f"--endpoint=unix://{d.socket}", "-o", "json", "info")
         assert info.code == 0
         assert info.json()["ready"] is False
         assert info.json()["not_ready_reason"] == "missing tools: mkfs.xfs"
-        table = run_ctl(f"--endpoint=unix://{d.socket}", "info", "--data-dir", str(d.data_dir))
-        assert "missing tools: mkfs.xfs" in table.out
+        table = run_ctl(f"--endpoint=unix://{d.socket}", "info")
+        assert "ready                no: missing tools: mkfs.xfs" in table.out
+        # Current, not stale: once the tool is back, the next info says ready.
+        (Path(tools) / "mkfs.xfs").symlink_to(shutil.which("mkfs.xfs") or "/sbin/mkfs.xfs")
+        again = run_ctl(f"--endpoint=unix://{d.socket}", "-o", "json", "info")
+        assert again.json()["ready"] is True and again.json()["not_ready_reason"] is None
     finally:
         d.stop()
         d.kill()

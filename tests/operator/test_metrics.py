@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from csi_driver.config import Settings
-from csi_driver.metrics import Metrics, parse_address
+from csi_driver.config import Settings, parse_address
+from csi_driver.metrics import Metrics
 from csi_driver.proto import csi_pb2
 from csi_driver.server import Driver as ServerDriver
 from tests.conftest import NODE_ID, Driver

@@ -226,6 +226,27 @@ def test_young_snapshots_and_snapshots_with_no_cluster_record_are_not_judged(tmp
     assert nothing.orphans == [] and "driver-name" in nothing.cluster_note
 
 
+def test_a_group_member_is_never_removed_alone(tmp_path: Path) -> None:
+    """An unreferenced member of a committed volume group snapshot is reported, not
+    deletable, with the command that deletes its group; one whose group record is gone
+    stands alone and is deletable."""
+    from csi_driver.grouprecords import GROUPS_DIR
+    store = Store(tmp_path / "data")
+    fake = FakeOS()
+    for sid in ("g-a", "lone-a"):
+        group = sid.partition("-")[0]
+        store.snapshots.create(sid, Meta(name=sid, kind="snapshot", group_snapshot_id=group),
+                               lambda image: image.write_bytes(b""))
+    (store.data_dir / GROUPS_DIR / "g").mkdir(parents=True)
+    view = orphans.ClusterView([_pv("pv-x", "v-elsewhere")], set(), [].append)
+    found = {o.id: o for o in orphans.find(store, fake, DRIVER, "node-a", view).orphans}
+    assert not found["g-a"].deletable
+    assert found["g-a"].reason == "part of volume group snapshot g: thinloopctl delete-group-snapshot g"
+    assert found["lone-a"].deletable
+    orphans.remove(orphans.Report(list(found.values())), store, fake, view)
+    assert store.snapshots.ids() == ["g-a"]
+
+
 def test_loop_orphans_by_identity_and_never_another_data_dirs(tmp_path: Path) -> None:
     from csi_driver.oslayer import LoopDevice, file_id
     store = Store(tmp_path / "data")

@@ -47,7 +47,7 @@ def listed_snapshots(c: CsiClient) -> list[str]:
 def leftovers(d: Driver) -> list[str]:
     """Dot-prefixed entries (temporary or trash) in the store, and temp files in objects."""
     found = []
-    for kind in ("volumes", "snapshots"):
+    for kind in ("volumes", "snapshots", "group-snapshots"):
         root = d.data_dir / kind
         if not root.is_dir():
             continue

@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -143,3 +144,37 @@ def test_concurrent_clients(driver: Driver) -> None:
     p = up(driver.client, "shared", str(driver.kubelet_dir), "block")
     down(driver.client, p)
     delete(driver.client, "shared")
+
+
+def test_thick_and_thin_volumes_cycle_at_once(driver: Driver) -> None:
+    """A thick volume's device is removed after its unstage (it can never discard again)
+    while other workers attach: a device number taken from LOOP_CTL_GET_FREE may vanish
+    before it is configured (ENXIO), which is retried. Every thin volume still gets a
+    device that discards, every thick one a device that does not."""
+    c = driver.client
+    names = [f"mix-{i:02d}" for i in range(12)]
+
+    def fmt(n: str) -> str:
+        return "zeroedthick" if int(n[-2:]) % 2 else "thin"
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda n: create(c, n, 16 * MIB, "ext4", diskformat=fmt(n)), names))
+
+    def cycle(n: str) -> list[str]:
+        problems = []
+        for round_ in range(3):
+            p = up(c, n, str(driver.kubelet_dir), "ext4")
+            dev = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(os.stat(p.target).st_dev)}:"
+                                                    f"{os.minor(os.stat(p.target).st_dev)}"))
+            discard = int(Path(f"/sys/block/{dev}/queue/discard_max_bytes").read_text())
+            if (discard == 0) != (fmt(n) != "thin"):
+                problems.append(f"{n} round {round_}: {dev} discard_max_bytes {discard}")
+            down(c, p)
+        return problems
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        problems = [p for found in pool.map(cycle, names) for p in found]
+    assert problems == []
+    for n in names:
+        delete(c, n)
+    assert kernel.loops_under(driver.root) == [] and kernel.mounts_under(driver.root) == []

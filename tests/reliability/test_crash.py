@@ -16,7 +16,7 @@ from csi_driver.proto import csi_pb2
 from tests import kernel
 from tests.conftest import Driver
 from tests.helpers import (
-    MIB,
+    SIZES,
     Published,
     cap_for,
     create,
@@ -43,7 +43,6 @@ from tests.reliability.support import (
 
 pytestmark = pytest.mark.root
 
-SIZES = {"ext4": 64 * MIB, "xfs": 320 * MIB, "block": 32 * MIB}
 
 
 def prepared(d: Driver, name: str, fs: str = "ext4") -> tuple[Published, str, str]:
@@ -235,20 +234,22 @@ def test_expand(driver: Driver, failpoint: str, fs: str) -> None:
     delete(driver.client, p.volume_id)
 
 
-def test_expand_unstaged_meta_write(driver: Driver) -> None:
-    """Expanding a volume that is not staged records "grow the fs at next stage" in meta;
-    a crash before the replace leaves a half-written temp file, removed at start-up."""
+def test_expand_deferred_growth_meta_write(driver: Driver) -> None:
+    """Expanding a block-published volume that holds a filesystem records "grow the fs at
+    the next stage" in meta (the driver never grows what a raw block user has); a crash
+    before the replace leaves a half-written temp file, removed at start-up, and the retry
+    records it."""
     p, digest, uuid = prepared(driver, "crash-meta")
-    os.makedirs(p.target, exist_ok=True)  # a volume_path that exists (kubelet's)
+    blk = up(driver.client, p.volume_id, str(driver.kubelet_dir), "block", name="crash-meta-raw")
 
     def expand(c: CsiClient) -> csi_pb2.NodeExpandVolumeResponse:
         return c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-            volume_id=p.volume_id, volume_path=p.target,
+            volume_id=p.volume_id, volume_path=blk.target,
             capacity_range=csi_pb2.CapacityRange(required_bytes=2 * SIZES["ext4"])))
 
     crash_then_retry(driver, "meta.before_replace", expand)
     assert "recovery: removed half-written file" in driver.log()
-    os.rmdir(p.target)
+    down(driver.client, blk)
     stage(driver.client, p.volume_id, p.staging, "ext4")
     st = os.statvfs(p.staging)
     assert st.f_blocks * st.f_frsize > 1.5 * SIZES["ext4"], "the fs grows at the next stage"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver.datastore import init_marker, read_marker
 from csi_driver.hostos import HostOS
 from tests import kernel
 from tests.conftest import HAVE_KERNEL, Driver
@@ -70,11 +71,22 @@ class Cluster:
     def data(self, host: str) -> Path:
         return self.host(host) / self.subdir
 
+    def init(self, host: str) -> None:
+        """Make the test's directory of the volume a datastore, as an operator does once with
+        `thinloopctl datastore init` (it is no mount point, where a controller would make
+        the marker itself)."""
+        data = self.data(host)
+        data.mkdir(exist_ok=True)
+        if read_marker(data) is None:
+            init_marker(data, DATASTORE, "tests")
+
     def start(self, host: str, mode: str = "node", *extra: str, env: dict[str, str] | None = None) -> SharedDriver:
         """Start (or restart) the driver of `host`; its node id is the host's name."""
         old = self.drivers.get(host)
         if old is not None:
             old.shutdown()
+        if mode in ("controller", "all"):
+            self.init(host)
         d = SharedDriver(self.root / host, list(extra), env=dict(env or {}), node=host, data=self.data(host),
                          mode=mode)
         d.start()

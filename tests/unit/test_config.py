@@ -45,3 +45,37 @@ def test_bad_settings_are_one_clear_line(argv: list[str], needle: str) -> None:
     with pytest.raises(SettingsError, match=needle) as info:
         parse_settings(["--node-id", "n", *argv], {})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("environ", "needle"), [
+    ({"THINLOOP_MODE": "both"}, "THINLOOP_MODE 'both': expected one of all, controller, node"),
+    ({"THINLOOP_WORKERS": "two"}, "THINLOOP_WORKERS 'two': not an integer"),
+    ({"THINLOOP_DATA_DIR": "rel"}, "THINLOOP_DATA_DIR 'rel': must be an absolute path"),
+    ({"THINLOOP_ENDPOINT": "tcp://h:1"}, "THINLOOP_ENDPOINT 'tcp://h:1': only unix://"),
+    ({"THINLOOP_METRICS_ADDRESS": "9809"}, "THINLOOP_METRICS_ADDRESS '9809': expected host:port"),
+])
+def test_errors_name_the_environment_variable_that_set_the_value(environ: dict[str, str], needle: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        parse_settings(["--node-id", "n"], environ)
+    assert str(info.value).startswith(needle)
+
+
+def test_a_flag_wins_over_its_variable_and_is_named() -> None:
+    with pytest.raises(SettingsError, match=r"^--mode 'x'"):
+        parse_settings(["--node-id", "n", "--mode", "x"], {"THINLOOP_MODE": "node"})
+    settings = parse_settings(["--node-id", "n", "--mode", "node"], {"THINLOOP_MODE": "x"})
+    assert settings.mode == "node" and settings.source("mode") == "--mode"
+    assert parse_settings(["--node-id", "n"], {"THINLOOP_DATA_DIR": "/d"}).source("data_dir") == "THINLOOP_DATA_DIR"
+
+
+def test_socket_path_limit_is_the_kernel_one() -> None:
+    ok = "/" + "a" * 106
+    assert str(parse_settings(["--node-id", "n", "--endpoint", f"unix://{ok}"], {}).socket_path) == ok
+    with pytest.raises(SettingsError, match="108 bytes; a unix socket path holds at most 107"):
+        parse_settings(["--node-id", "n", "--endpoint", f"unix://{ok}b"], {})
+
+
+def test_unknown_flag_is_one_line() -> None:
+    with pytest.raises(SettingsError) as info:
+        parse_settings(["--node-id", "n", "--bogus"], {})
+    assert str(info.value) == "unrecognized arguments: --bogus (see thinloop-csi --help)"

@@ -54,7 +54,9 @@ def test_a_page_shared_after_fork_is_counted_once() -> None:
         assert abs(alone - me) < 0.05 * me, "one process: its RSS"
         assert it > 32 << 20, "the child maps the ballast too"
         assert both < me + it - (30 << 20), "the ballast is counted once"
-        assert both >= alone
+        # A union is never smaller than its part, but the two reads are moments apart and this
+        # process's other threads (gRPC's, left by earlier tests) may free pages in between.
+        assert both >= alone - (8 << 20)
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)

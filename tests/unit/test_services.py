@@ -15,6 +15,7 @@ from csi_driver.identity import IdentityService
 from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2
 from csi_driver.server import Driver
+from csi_driver.store import Store
 from tests.fakeos import FakeOS
 from tests.helpers import GIB, MIB, cap_for
 
@@ -73,20 +74,26 @@ def test_same_name_incompatible_request_is_already_exists(rig: Rig, change: str,
         rig.create("v1", **kwargs)
 
 
-def test_capacity_maths(rig: Rig, tmp_path: Path) -> None:
-    free = rig.driver.store.free_bytes()  # type: ignore[union-attr]
+def test_capacity_maths(rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host's real free space moves with every other process on the machine: measure it
+    # never, fake it once. GetCapacity is then exact arithmetic on the fake figure.
+    free = 100 * GIB
+    monkeypatch.setattr(Store, "free_bytes", lambda self: free)
     rig.create("thin", 4 * GIB)  # sparse: almost nothing allocated, 4 GiB promised
+    image = rig.settings.data_dir / "volumes" / "thin" / "disk.img"
+    promised = os.stat(image).st_size - os.stat(image).st_blocks * 512  # our own file: stable
+    assert 4 * GIB - MIB < promised <= 4 * GIB
     avail = rig.ctrl.GetCapacity(csi_pb2.GetCapacityRequest(), CTX).available_capacity
-    assert free - 4 * GIB - 64 * MIB <= avail <= free - 4 * GIB + 64 * MIB
+    assert avail == free - promised
     (tmp_path / "r").mkdir()
     relaxed = Rig(tmp_path / "r", ratio=4.0)
     relaxed.create("thin", 4 * GIB)
     avail4 = relaxed.ctrl.GetCapacity(csi_pb2.GetCapacityRequest(), CTX).available_capacity
-    assert avail4 > avail + 2 * GIB  # promises count a quarter with ratio 4
+    assert avail4 == int(free - promised / 4)  # promises count a quarter with ratio 4
     other = csi_pb2.GetCapacityRequest(accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: "n2"}))
     assert rig.ctrl.GetCapacity(other, CTX).available_capacity == 0
     mine = csi_pb2.GetCapacityRequest(accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: "n1"}))
-    assert abs(rig.ctrl.GetCapacity(mine, CTX).available_capacity - avail) < 64 * MIB  # the disk is shared
+    assert rig.ctrl.GetCapacity(mine, CTX).available_capacity == avail
 
 
 def test_create_beyond_room_is_resource_exhausted_and_leaves_nothing(rig: Rig) -> None:
@@ -207,7 +214,7 @@ def test_a_clone_holds_its_source_and_freezes_it(rig: Rig) -> None:
         rig.ctrl.CreateVolume(req, CTX)  # the source is busy: same key as every volume call
     frozen: list[str] = []
     real_copy = rig.os.copy_image
-    rig.os.copy_image = lambda s, d: (frozen.extend(rig.os.frozen), real_copy(s, d))[1]  # type: ignore[method-assign]
+    rig.os.copy_image = lambda s, d, **kw: (frozen.extend(rig.os.frozen), real_copy(s, d, **kw))[1]  # type: ignore[method-assign]
     rig.ctrl.CreateVolume(req, CTX)
     assert frozen == [staging], "the source filesystem is frozen while it is copied"
     assert rig.os.frozen == set()
@@ -255,3 +262,28 @@ def test_names_volume_matches_only_that_volume() -> None:
     assert not names_volume("/d/volumes/v1.deadbeef/disk.img", "v1")  # another volume with a dotted id
     assert not names_volume("/d/volumes/v10/disk.img", "v1")
     assert not names_volume("/d/snapshots/v1/disk.img", "v1")
+
+
+def test_controller_expand_grows_an_unstaged_image_and_leaves_a_staged_one_to_the_node(rig: Rig) -> None:
+    rig.create("idle", 64 * MIB)
+    resp = rig.ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="idle", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MIB)), CTX)
+    assert resp.capacity_bytes == 128 * MIB and not resp.node_expansion_required
+    entry = rig.driver.store.volumes.get("idle")  # type: ignore[union-attr]
+    assert entry is not None and entry.size_bytes() == 128 * MIB
+    assert entry.meta.needs_fs_grow, "the filesystem grows at the next stage"
+
+    rig.create("busy", 64 * MIB)
+    rig.stage("busy")
+    resp = rig.ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="busy", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MIB)), CTX)
+    assert resp.node_expansion_required and resp.capacity_bytes == 128 * MIB
+    busy = rig.driver.store.volumes.get("busy")  # type: ignore[union-attr]
+    assert busy is not None and busy.size_bytes() == 64 * MIB, "a staged image is the node's to grow"
+
+
+def test_staging_with_another_filesystem_is_refused_in_plain_words(rig: Rig) -> None:
+    rig.create("v1", fs="ext4")
+    with pytest.raises(FailedPrecondition) as err:
+        rig.stage("v1", fs="xfs")
+    assert "holds an existing filesystem of type ext4, not the xfs requested" in err.value.message

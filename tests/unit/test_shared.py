@@ -27,6 +27,7 @@ from csi_driver.datastore import (
     NodeRecord,
     NodeRegistry,
     check_marker,
+    init_marker,
 )
 from csi_driver.errors import (
     AlreadyExists,
@@ -68,8 +69,7 @@ class SharedRig:
         self.ident = IdentityService(self.settings, self.os)
 
     def close(self) -> None:
-        if self.driver.heartbeat is not None:
-            self.driver.heartbeat.stop()
+        self.driver.close()
 
     def create(self, name: str, size: int = 64 * MIB, fs: str = "ext4") -> csi_pb2.Volume:
         return self.ctrl.CreateVolume(csi_pb2.CreateVolumeRequest(
@@ -107,10 +107,19 @@ def data(tmp_path: Path) -> Path:
     return tmp_path / "datastore"
 
 
+def datastore_at(data: Path) -> Path:
+    """A plain directory made datastore ds1 by hand (it is no mount point, where a
+    controller would make the marker itself): thinloopctl datastore init."""
+    data.mkdir(exist_ok=True)
+    init_marker(data, "ds1", "test")
+    return data
+
+
 @pytest.fixture
 def rigs(tmp_path: Path, data: Path) -> Iterator[dict[str, SharedRig]]:
     """A controller ("ctl", mode controller) and two nodes a and b over one data dir."""
     made: dict[str, SharedRig] = {}
+    datastore_at(data)
     try:
         made["ctl"] = SharedRig(tmp_path, data, "ctl", mode="controller")
         made["a"] = SharedRig(tmp_path, data, "a", mode="node")
@@ -148,29 +157,95 @@ def test_bad_datastore_settings_are_one_line_errors(argv: list[str]) -> None:
 
 # -- marker and registration ---------------------------------------------------------------------
 
-def test_marker_made_by_the_controller_checked_by_everyone(data: Path) -> None:
+def test_marker_made_by_hand_checked_by_everyone(data: Path) -> None:
+    data.mkdir()
     with pytest.raises(DatastoreError, match="not mounted there"):
         check_marker(data, "ds1", may_create=False, creator="n")
-    assert "made" in check_marker(data, "ds1", may_create=True, creator="ctl")
+    # Not a mount point: a controller never makes the marker there (the datastore may simply
+    # not be mounted, leaving the local disk's directory).
+    with pytest.raises(DatastoreError, match="not a mount point"):
+        check_marker(data, "ds1", may_create=True, creator="ctl")
+    assert list(data.iterdir()) == []
+    assert "made" in init_marker(data, "ds1", "op")
+    assert "already" in init_marker(data, "ds1", "op")
     assert check_marker(data, "ds1", may_create=True, creator="ctl") == ""
     assert check_marker(data, "ds1", may_create=False, creator="n") == ""
     with pytest.raises(DatastoreError, match="is datastore 'ds1'"):
         check_marker(data, "ds2", may_create=True, creator="ctl")
+    with pytest.raises(DatastoreError, match="is datastore 'ds1'"):
+        init_marker(data, "ds2", "op")
+
+
+@pytest.mark.root
+def test_controller_makes_the_marker_on_a_mount_point_only(tmp_path: Path) -> None:
+    """The datastore's mount (here a tmpfs) gets the marker from the controller; the same
+    directory with nothing mounted on it (a mount missing at start) does not."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "thinloop-test", str(point)], check=True)
+    try:
+        assert "made" in check_marker(point, "ds1", may_create=True, creator="ctl")
+        assert (point / "datastore.json").exists()
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+    with pytest.raises(DatastoreError, match="not a mount point"):
+        check_marker(point, "ds1", may_create=True, creator="ctl")
+    assert list(point.iterdir()) == []
+
+
+def test_a_controller_whose_datastore_is_not_mounted_exits_with_one_line(tmp_path: Path) -> None:
+    """The safety gap of a missing mount: a controller started on the empty mount-point
+    directory of the local disk would make a new datastore there. It refuses, naming the
+    fix, and leaves the directory as it was."""
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run([sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{tmp_path}/s.sock",
+                          "--data-dir", str(tmp_path / "empty"), "--mode", "controller", "--datastore", "ds1",
+                          "--node-id", "c1", "--log-level", "error"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert "--datastore ds1" in run.stderr and "not a mount point" in run.stderr
+    assert "thinloopctl datastore init" in run.stderr
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_shared_data_dir_that_does_not_exist_is_never_made(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{tmp_path}/s.sock",
+                          "--data-dir", str(tmp_path / "mnt" / "ds1"), "--mode", "node", "--datastore", "ds1",
+                          "--node-id", "n1", "--kubelet-dir", str(tmp_path), "--log-level", "error"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert "--data-dir" in run.stderr and "does not exist" in run.stderr and "mount the datastore" in run.stderr
+    assert not (tmp_path / "mnt").exists()
+
+
+def test_datastore_init_command(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from csi_driver import ctl
+    data.mkdir()
+    assert ctl.main(["datastore", "init", "--data-dir", str(data), "--name", "ds1"]) == 0
+    assert "made" in capsys.readouterr().out
+    assert ctl.main(["datastore", "init", "--data-dir", str(data), "--name", "ds1", "-o", "json"]) == ctl.EXIT_UNCHANGED
+    assert '"made": false' in capsys.readouterr().out
+    assert ctl.main(["datastore", "init", "--data-dir", str(data), "--name", "other"]) == ctl.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is datastore 'ds1'" in err
 
 
 def test_controller_refuses_to_claim_a_data_dir_with_volumes_and_no_marker(tmp_path: Path) -> None:
     (tmp_path / "volumes" / "v1").mkdir(parents=True)
     with pytest.raises(DatastoreError, match="holds volumes"):
-        check_marker(tmp_path, "ds1", may_create=True, creator="ctl")
+        init_marker(tmp_path, "ds1", "op")
     assert not (tmp_path / "datastore.json").exists()
 
 
 def test_node_driver_refuses_to_start_without_the_marker(tmp_path: Path, data: Path) -> None:
+    data.mkdir()
     with pytest.raises(DatastoreError, match="controller makes the marker"):
         SharedRig(tmp_path, data, "a", mode="node")
 
 
 def test_two_drivers_with_one_node_id_the_second_is_refused(tmp_path: Path, data: Path) -> None:
+    datastore_at(data)
     first = SharedRig(tmp_path, data, "a")
     try:
         (tmp_path / "second").mkdir()
@@ -285,6 +360,7 @@ def test_multi_node_writers_are_refused(rigs: dict[str, SharedRig]) -> None:
 
 
 def test_attach_limit_per_node(tmp_path: Path, data: Path) -> None:
+    datastore_at(data)
     ctl = SharedRig(tmp_path, data, "ctl", mode="controller")
     node = SharedRig(tmp_path, data, "a", mode="node", max_volumes=2)
     try:
@@ -350,19 +426,81 @@ def test_delete_refused_while_another_client_holds_the_image(rigs: dict[str, Sha
     try:
         with pytest.raises(FailedPrecondition, match="in use"):
             rigs["ctl"].ctrl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="v1"), CTX)
-        with pytest.raises(FailedPrecondition, match="frozen there"):
+        with pytest.raises(FailedPrecondition, match="can only be frozen on the node"):
             rigs["ctl"].ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s1", source_volume_id="v1"), CTX)
     finally:
         os.close(fd)
     rigs["ctl"].ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s1", source_volume_id="v1"), CTX)
 
 
+def test_group_snapshot_follows_the_single_snapshot_rule(tmp_path: Path, rigs: dict[str, SharedRig],
+                                                        data: Path) -> None:
+    """Shared mode, a driver that is controller and node ("c"): a member staged on this node
+    is frozen for the copies; one attached nowhere is copied under a shared image lock;
+    one that another node has attached read-write is refused with FAILED_PRECONDITION
+    naming it and that node, leaving no snapshot, group or lock behind."""
+    from csi_driver.groupcontroller import GroupControllerService
+    c = SharedRig(tmp_path, data, "c", mode="all")
+    try:
+        assert c.driver.groups is not None
+        group = GroupControllerService(c.driver.groups, c.driver.inflight)
+        for v in ("here", "idle", "busy"):
+            c.create(v)
+        c.stage("here", c.publish("here", "c"))
+        rigs["a"].stage("busy", c.publish("busy", "a"))
+        seen: dict[str, object] = {}
+        copy = c.os.copy_image
+
+        def watched(source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
+            seen[source.parent.name] = (set(c.os.frozen), image_lock(data, source.parent.name))
+            copy(source, dest, sparse=sparse, shared=shared)
+
+        c.os.copy_image = watched  # type: ignore[method-assign]
+
+        def cut(name: str, *vids: str) -> csi_pb2.VolumeGroupSnapshot:
+            return group.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+                name=name, source_volume_ids=list(vids)), CTX).group_snapshot
+
+        with pytest.raises(FailedPrecondition) as refused:
+            cut("g1", "here", "idle", "busy")
+        assert "busy (attached read-write on node a" in str(refused.value) and "idle" not in str(refused.value)
+        assert seen == {} and c.os.frozen == set()
+        assert not any((data / "snapshots").iterdir()) and image_lock(data, "idle") == imagelock.FREE
+        made = cut("g2", "here", "idle")
+        assert made.ready_to_use and len(made.snapshots) == 2
+        staging = c.staging("here")
+        assert seen["here"] == ({staging}, imagelock.EXCLUSIVE)  # frozen here, under this node's own lock
+        assert seen["idle"] == ({staging}, imagelock.SHARED)  # held under a shared lock for the copy
+        assert c.os.frozen == set() and image_lock(data, "idle") == imagelock.FREE
+        rigs["a"].unstage("busy")
+        assert cut("g3", "busy").ready_to_use  # detached: copied under a shared lock
+        with pytest.raises(NotFound, match="datastore ds1"):
+            cut("g4", "here", "ghost")
+    finally:
+        c.close()
+
+
 def test_controller_expand_grows_the_image(rigs: dict[str, SharedRig], data: Path) -> None:
-    rigs["ctl"].create("v1")
-    resp = rigs["ctl"].ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
-        volume_id="v1", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MIB)), CTX)
-    assert resp.node_expansion_required and resp.capacity_bytes == 128 * MIB
+    """The image lives on the datastore, so the controller grows it. Published nowhere: the
+    filesystem grows at the next stage and no node call is needed; published to a node:
+    that node grows the filesystem (NodeExpandVolume)."""
+    ctl = rigs["ctl"]
+    ctl.create("v1")
+
+    def expand(size: int) -> csi_pb2.ControllerExpandVolumeResponse:
+        return ctl.ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+            volume_id="v1", capacity_range=csi_pb2.CapacityRange(required_bytes=size)), CTX)
+
+    resp = expand(128 * MIB)
+    assert not resp.node_expansion_required and resp.capacity_bytes == 128 * MIB
     assert (data / "volumes" / "v1" / "disk.img").stat().st_size == 128 * MIB
+    assert ctl.driver.volumes.get("v1").meta.needs_fs_grow  # type: ignore[union-attr]
+    token = ctl.publish("v1", "a")
+    resp = expand(192 * MIB)
+    assert resp.node_expansion_required and resp.capacity_bytes == 192 * MIB
+    assert (data / "volumes" / "v1" / "disk.img").stat().st_size == 192 * MIB
+    rigs["a"].stage("v1", token)  # the growth owed is made at stage
+    assert not ctl.driver.volumes.get("v1").meta.needs_fs_grow  # type: ignore[union-attr]
 
 
 def test_inline_ephemeral_volumes_are_refused(rigs: dict[str, SharedRig]) -> None:
@@ -477,6 +615,36 @@ def test_kept_locks_are_closed_in_forked_children(tmp_path: Path) -> None:
     assert imagelock.path_lock_state(path) == imagelock.FREE
 
 
+def test_a_second_controller_leaves_the_first_ones_work_alone(tmp_path: Path, data: Path) -> None:
+    """Issue 14's two-drivers-on-one-data-dir fault, between controllers of one datastore
+    (a standby replica starting beside the active one): a controller clears unfinished
+    work only while no other controller runs, so it never removes a volume another one is
+    still making; a controller that starts alone clears what a crash left."""
+    datastore_at(data)
+    first = SharedRig(tmp_path, data, "c1", mode="controller")
+    making = data / "volumes" / ".tmp-v1.0123abcd"  # the first one's create, half-way
+    making.mkdir()
+    (making / "disk.img").write_bytes(b"")
+    second = SharedRig(tmp_path, data, "c2", mode="controller")
+    try:
+        assert making.exists()
+        first.close()  # the first one crashed; the second still runs: not alone
+        third = SharedRig(tmp_path, data, "c3", mode="controller")
+        third.close()
+        assert making.exists()
+    finally:
+        second.close()
+    alone = SharedRig(tmp_path, data, "c4", mode="controller")
+    try:
+        assert not making.exists()
+        assert alone.driver.controllers_lock is not None
+        # Back to shared once recovered: another controller starts beside it at once.
+        beside = SharedRig(tmp_path, data, "c5", mode="controller")
+        beside.close()
+    finally:
+        alone.close()
+
+
 # -- capability probes ---------------------------------------------------------------------------------
 
 def test_probe_finds_what_a_local_filesystem_does(tmp_path: Path) -> None:
@@ -554,7 +722,7 @@ def test_a_node_without_its_datastore_exits_with_one_line(tmp_path: Path) -> Non
 def test_node_orphans_refuses_a_shared_datastore(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every image of a datastore would look like an orphan from one node: never judge them."""
     from csi_driver import ctl
-    check_marker(data, "ds1", may_create=True, creator="ctl")
+    datastore_at(data)
     (data / "volumes" / "v1").mkdir(parents=True)
     (data / "volumes" / "v1" / "disk.img").write_bytes(b"")
     assert ctl.main(["node", "orphans", "--delete", "--yes", "--data-dir", str(data)]) == 2

@@ -131,3 +131,13 @@ def test_quantity(text: str, value: int) -> None:
 def test_bad_quantity(text: str) -> None:
     with pytest.raises(InvalidArgument):
         parse_quantity(text)
+
+
+def test_confine_says_which_way_a_path_is_wrong(tmp_path: Path) -> None:
+    root = tmp_path / "kubelet"
+    root.mkdir()
+    with pytest.raises(InvalidArgument, match=r"is the kubelet directory .* itself; it must be a path below it"):
+        confine(str(root), root, "target_path")
+    with pytest.raises(InvalidArgument, match="is outside the kubelet directory"):
+        confine(str(tmp_path), root, "target_path")
+

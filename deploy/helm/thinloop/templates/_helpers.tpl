@@ -15,3 +15,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "thinloop.image" -}}
 {{ .repository }}:{{ .tag }}
 {{- end -}}
+
+{{/* Host directory holding the shared-datastore driver's socket. */}}
+{{- define "thinloop.sharedPluginDir" -}}
+{{ .Values.kubeletDir }}/plugins/{{ .Values.sharedDatastore.driverName }}
+{{- end -}}
+
+{{/* The shared datastore's image directory: <mountRoot>/<name>. */}}
+{{- define "thinloop.sharedDataDir" -}}
+{{ .Values.sharedDatastore.mountRoot }}/{{ .Values.sharedDatastore.name }}
+{{- end -}}
+
+{{/* The node label (value "mounted") by which the operator says a node mounts the datastore. */}}
+{{- define "thinloop.sharedNodeLabel" -}}
+datastore.thinloop.csi.io/{{ .Values.sharedDatastore.name }}
+{{- end -}}
