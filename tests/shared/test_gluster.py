@@ -427,6 +427,8 @@ def test_thinloopctl_shows_holders_and_releases_only_a_fenced_node(cluster: Clus
     assert alive == {"a": True, "b": True}
     refused = run_ctl("datastore", "release", vid, "--node", "a", data)
     assert refused.code == 2 and "--node-fenced" in refused.err
+    as_json = run_ctl("-o", "json", "datastore", "release", vid, "--node", "a", data)
+    assert as_json.code == 2 and as_json.json()["error"]["kind"] == "USAGE"
     refused = run_ctl("datastore", "release", vid, "--node", "a", "--node-fenced", data)
     assert refused.code == 1 and "not fenced" in refused.err  # a's driver and client are alive
     table = run_ctl("datastore", "holders", data)
@@ -434,11 +436,16 @@ def test_thinloopctl_shows_holders_and_releases_only_a_fenced_node(cluster: Clus
     # Node a is lost, and fenced: its client and its driver are gone.
     cluster.lose_host("a")
     cluster.drivers["a"].kill()
-    (row,) = run_ctl("-o", "json", "datastore", "holders", data).json()["volumes"]
+    noted = run_ctl("-o", "json", "datastore", "holders", data)
+    assert noted.code == 3  # something that does not add up
+    (row,) = noted.json()["volumes"]
     assert row["lock"] == "free" and "stale records" in row["note"]
     released = run_ctl("datastore", "release", vid, "--node", "a", "--node-fenced", data)
     assert released.code == 0, released.err
     assert "removed the attachment" in released.out
+    again = run_ctl("datastore", "release", vid, "--node", "a", "--node-fenced", data)
+    assert again.code == 5 and "nothing to release" in again.out
+    assert run_ctl("datastore", "release", "ghost", "--node", "a", "--node-fenced", data).code == 4
     p = up(cluster, "b", vid, publish(ctl, vid, "b"))
     down(cluster, "b", p)
     cluster.reboot("a")

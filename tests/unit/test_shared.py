@@ -730,6 +730,28 @@ def test_node_orphans_refuses_a_shared_datastore(data: Path, capsys: pytest.Capt
     assert (data / "volumes" / "v1" / "disk.img").exists()
 
 
+def test_node_status_and_trim_on_a_datastore(rigs: dict[str, SharedRig], data: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The node commands read a datastore too: status lists its volumes and names this
+    node's driver (the holder of nodes/<node-id>.lock, not .driver.lock); trim with no
+    volume staged on this host trims nothing, and a name the datastore lacks is exit 4."""
+    import json
+
+    from csi_driver import ctl
+    rigs["ctl"].create("v1")
+    assert ctl.main(["-o", "json", "node", "status", "--data-dir", str(data), "--node-id", "a"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["datastore"] == "ds1" and [v["id"] for v in doc["volumes"]] == ["v1"]
+    assert doc["driver"].startswith(f"pid {os.getpid()} ")  # node a's driver is this process
+    assert ctl.main(["-o", "json", "node", "status", "--data-dir", str(data), "--node-id", "nobody"]) == 0
+    assert json.loads(capsys.readouterr().out)["driver"] is None
+    endpoint = f"unix://{rigs['a'].settings.socket_path}"
+    assert ctl.main(["-o", "json", "node", "trim", "--data-dir", str(data), "--endpoint", endpoint]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["id"] == "v1" and row["result"] == "skipped: not staged on this node"
+    assert ctl.main(["node", "trim", "ghost", "--data-dir", str(data), "--endpoint", endpoint]) == ctl.EXIT_NOT_FOUND
+
+
 def test_names_may_hold_a_plus() -> None:
     """csi-sanity's attach-limit spec names a volume 'sanity-max-attach-limit-vol+1-<tag>'."""
     from csi_driver.store import check_id
