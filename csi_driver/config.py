@@ -14,7 +14,13 @@ from . import __version__
 from .cliparse import HelpFormatter, OneLineParser, UsageError
 
 TOPOLOGY_KEY = "topology.thinloop.csi.io/node"
+DATASTORE_TOPOLOGY_KEY = "topology.thinloop.csi.io/datastore"
+"""Shared mode: volumes are reachable from every node that mounts the datastore."""
 DEFAULT_DRIVER_NAME = "thinloop.csi.io"
+SHARED_DRIVER_NAME = "shared.thinloop.csi.io"
+"""The default name in shared mode: its CSIDriver says attachRequired: true, so it is a
+second driver beside the node-local one."""
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 DEFAULT_ENDPOINT = "unix:///run/thinloop/csi.sock"
 DEFAULT_DATA_DIR = "/var/lib/thinloop"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
@@ -60,6 +66,11 @@ class Settings:
     """Processes the Controller and Node calls run in; 0 runs them in the server's own."""
     worker_idle_seconds: float = DEFAULT_WORKER_IDLE_SECONDS
     """Seconds a worker process waits for a call before it exits."""
+    datastore: str = ""
+    """Shared mode when set: the name of the shared filesystem that holds the data dir
+    (the topology value of topology.thinloop.csi.io/datastore). Empty: node-local mode."""
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    """Shared mode: how often a node driver rewrites its record in the datastore."""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Where each setting came from: the flag (`--data-dir`) or its variable
     (`THINLOOP_DATA_DIR`), so that an error found later names what the operator set."""
@@ -81,9 +92,22 @@ class Settings:
         return self.mode in ("all", "node")
 
     @property
+    def shared(self) -> bool:
+        """Images on a shared datastore, attached to one node at a time (ControllerPublish)."""
+        return bool(self.datastore)
+
+    @property
     def touches_files(self) -> bool:
-        """Controller-only mode must never touch volume files: they live on the nodes."""
-        return self.mode != "controller"
+        """Node-local controller-only mode must never touch volume files: they live on the
+        nodes. In shared mode the controller owns the datastore's files."""
+        return self.mode != "controller" or self.shared
+
+    @property
+    def topology(self) -> dict[str, str]:
+        """The accessible topology of this driver's volumes (and of its node)."""
+        if self.shared:
+            return {DATASTORE_TOPOLOGY_KEY: self.datastore}
+        return {TOPOLOGY_KEY: self.node_id}
 
 
 MAX_SOCKET_PATH_BYTES = 107
@@ -131,6 +155,8 @@ class Flag:
     default: str
     help: str
     metavar: str = ""
+    shown: str = ""
+    """The default as --help words it, when it is not the literal `default`."""
 
     @property
     def dest(self) -> str:
@@ -145,13 +171,16 @@ FLAGS = (
     Flag("--endpoint", DEFAULT_ENDPOINT, "unix socket to serve CSI on (created 0600; a stale socket "
          "of this driver is replaced; a symlink, a foreign file or a live socket is refused)", "URI"),
     Flag("--node-id", "", "this node's identity, also the value of the topology key "
-         f"{TOPOLOGY_KEY}", "ID"),
+         f"{TOPOLOGY_KEY} (node-local mode); in shared mode the name other drivers of the "
+         "datastore know this node by", "ID", shown="host name"),
     Flag("--data-dir", DEFAULT_DATA_DIR, "absolute path of the directory holding the volume and "
-         "snapshot images (created 0700 when missing)", "DIR"),
-    Flag("--driver-name", DEFAULT_DRIVER_NAME, "CSI driver name: the StorageClass provisioner and "
-         "the CSIDriver object's name", "NAME"),
-    Flag("--mode", "all", "services to run: all; controller (no file access, for the controller "
-         "Deployment); node", "|".join(MODES)),
+         "snapshot images (created 0700 when missing; with --datastore, the datastore's mount, never "
+         "created)", "DIR"),
+    Flag("--driver-name", "", "CSI driver name: the StorageClass provisioner and the CSIDriver "
+         "object's name", "NAME", shown=f"{DEFAULT_DRIVER_NAME}; {SHARED_DRIVER_NAME} with --datastore"),
+    Flag("--mode", "all", "services to run: all; controller (for the controller Deployment: no file "
+         "access, or with --datastore the datastore's files but no loop device); node",
+         "|".join(MODES)),
     Flag("--kubelet-dir", DEFAULT_KUBELET_DIR, "kubelet's root directory: staging and target paths "
          "must lie under it", "DIR"),
     Flag("--overcommit-ratio", "1.0", "how far unused thin promises may exceed free space when "
@@ -167,6 +196,12 @@ FLAGS = (
          "N"),
     Flag("--worker-idle-seconds", str(DEFAULT_WORKER_IDLE_SECONDS).removesuffix(".0"),
          "a worker with no call for this long exits, giving its memory back", "SECONDS"),
+    Flag("--datastore", "", "shared mode: the name of the shared filesystem mounted at --data-dir on "
+         "every node and the controller (volumes move between nodes; attach is fenced; the topology "
+         f"value of {DATASTORE_TOPOLOGY_KEY}); empty = node-local mode", "NAME"),
+    Flag("--heartbeat-seconds", str(DEFAULT_HEARTBEAT_SECONDS).removesuffix(".0"),
+         "shared mode: how often a node driver rewrites its record in the datastore (a node silent for "
+         "three of these is shown as not alive)", "SECONDS"),
 )
 
 
@@ -181,7 +216,7 @@ def _build_parser(environ: Mapping[str, str]) -> OneLineParser:
         "naming the flag or path and the fix, before anything is created.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for flag in FLAGS:
-        default = f"default: {flag.default or 'empty'}" if flag.dest != "node_id" else "default: host name"
+        default = f"default: {flag.shown or flag.default or 'empty'}"
         now = f"; set to {environ[flag.env]!r} here" if flag.env in environ else ""
         p.add_argument(flag.name, default=None, metavar=flag.metavar or None,
                        help=f"{flag.help} [{default}; env {flag.env}{now}]".replace("%", "%%"))
@@ -240,13 +275,21 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
     idle = number("worker_idle_seconds", float, lambda v: 0 < v <= 86400, "above 0 and at most 86400")
     data_dir = absolute("data_dir")
     kubelet_dir = absolute("kubelet_dir")
-    driver_name = values["driver_name"]
+    datastore = values["datastore"]
+    if datastore and not _valid_label_value(datastore):
+        raise bad("datastore", "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with "
+                  "a letter or digit (it is a topology label value)")
+    heartbeat = number("heartbeat_seconds", float, lambda v: 0.1 <= v <= 3600, "between 0.1 and 3600")
+    driver_name = values["driver_name"] or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
     if not _valid_driver_name(driver_name):
         raise bad("driver_name", "must be a DNS-style name of at most 63 characters "
                   "(letters, digits, '-' and '.', starting and ending with a letter or digit)")
     node_id = values["node_id"] or socket.gethostname()
     if not node_id or len(node_id) > 128 or any(c in node_id for c in "/\0\n"):
         raise SettingsError(f"{sources['node_id']} {node_id!r}: must be 1-128 characters without '/'")
+    if datastore and node_id.startswith("."):
+        raise SettingsError(f"{sources['node_id']} {node_id!r}: with --datastore it names files in the "
+                            "datastore (nodes/<id>.json), so it must not start with '.'")
     if values["metrics_address"]:
         parse_address(values["metrics_address"], sources["metrics_address"])
     return Settings(
@@ -263,6 +306,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         metrics_address=values["metrics_address"],
         workers=workers,
         worker_idle_seconds=idle,
+        datastore=datastore,
+        heartbeat_seconds=heartbeat,
         sources=sources,
     )
 
@@ -271,3 +316,10 @@ def _valid_driver_name(name: str) -> bool:
     if not name or len(name) > 63 or not name[0].isalnum() or not name[-1].isalnum():
         return False
     return all((c.isalnum() and c.isascii()) or c in "-." for c in name)
+
+
+def _valid_label_value(value: str) -> bool:
+    """A Kubernetes label value (the datastore name is one, as a topology value)."""
+    if not value or len(value) > 63 or not value[0].isalnum() or not value[-1].isalnum():
+        return False
+    return all((c.isalnum() and c.isascii()) or c in "-_." for c in value)

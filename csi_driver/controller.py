@@ -1,18 +1,23 @@
 """CSI Controller service. With distributed provisioning it runs on each node (mode all)
 and handles the volumes of that node; in mode controller it answers only what needs no
-file access (expansion requests, capability checks)."""
+file access (expansion requests, capability checks). In shared mode (--datastore) it runs
+once for the datastore and also publishes volumes to nodes (attachment records with a
+fencing token: csi_driver.datastore)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from .config import TOPOLOGY_KEY, Settings
+from . import imagelock
+from .config import Settings
+from .datastore import Datastore
 from .errors import (
     Aborted,
     AlreadyExists,
@@ -28,10 +33,15 @@ from .snapshots import Snapshots
 from .store import Entry, check_id, grow_image
 from .validation import (
     DISKFORMATS,
+    MULTI_NODE_MODES,
     RECLAIM_MODES,
+    SHARED_MODES,
+    SUPPORTED_MODES,
     VolumeParams,
     check_capabilities,
+    check_capability,
     fits_range,
+    is_read_only,
     require,
     resolve_params,
     size_from_range,
@@ -52,6 +62,7 @@ NODE_CAPS = (
     Cap.MODIFY_VOLUME,
 )
 CONTROLLER_ONLY_CAPS = (Cap.EXPAND_VOLUME, Cap.SINGLE_NODE_MULTI_WRITER)
+SHARED_CAPS = (*NODE_CAPS, Cap.PUBLISH_UNPUBLISH_VOLUME, Cap.PUBLISH_READONLY)
 
 
 def encode_token(next_id: str) -> str:
@@ -87,6 +98,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self._volumes = volumes
         self._snapshots = snapshots
         self.inflight = inflight
+        self.datastore: Datastore | None = volumes.datastore if volumes is not None else None
+        self.modes = SHARED_MODES if settings.shared else SUPPORTED_MODES
 
     # Both are None in controller-only mode; RPCs that need files say so.
     @property
@@ -102,7 +115,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return self._snapshots
 
     def topology(self) -> csi_pb2.Topology:
-        return csi_pb2.Topology(segments={TOPOLOGY_KEY: self.settings.node_id})
+        return csi_pb2.Topology(segments=self.settings.topology)
+
+    @property
+    def shared(self) -> Datastore:
+        if self.datastore is None:
+            raise Unimplemented("node-local volumes are not attached: ControllerPublishVolume is "
+                                "served in shared mode (--datastore) only")
+        return self.datastore
 
     def _volume_msg(self, entry: Entry) -> csi_pb2.Volume:
         meta = entry.meta
@@ -126,7 +146,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         volume_id = check_id(request.name, "name")
         # A VolumeAttributesClass named by the claim: its values win over the class's.
         mutable = self._check_mutable(request.mutable_parameters) if request.mutable_parameters else {}
-        params = resolve_params({**request.parameters, **mutable}, request.volume_capabilities)
+        params = resolve_params({**request.parameters, **mutable}, request.volume_capabilities, self.modes)
         size = size_from_range(request.capacity_range if request.HasField("capacity_range") else None,
                                params.fs_type)
         self._check_topology(request)
@@ -152,6 +172,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 elif source_kind == "volume":
                     source = ("volume", self.volumes.get(source_id))
             except NotFound as exc:
+                if self.datastore is not None:
+                    raise
                 raise NotFound(f"{exc.message}. A restore or clone is made on the node that holds its "
                                "source; a source on another node cannot be used") from None
             if source is not None:
@@ -165,12 +187,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         terms = list(req.requisite) or list(req.preferred)
         if not terms:
             return
+        ((key, value),) = self.settings.topology.items()
         for topo in terms:
-            if topo.segments.get(TOPOLOGY_KEY) == self.settings.node_id:
+            if topo.segments.get(key) == value:
                 return
+        what = f"datastore {value}" if self.settings.shared else f"node {value}"
         raise ResourceExhausted(
-            f"this driver instance serves node {self.settings.node_id}, which is not among the "
-            "requested topologies")
+            f"this driver instance serves {what}, which is not among the requested topologies")
 
     @staticmethod
     def _params_for_copy(source: Entry, src_fs: str, size: int, params: VolumeParams) -> VolumeParams:
@@ -231,7 +254,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument("volume_capabilities is required")
         entry = self.volumes.get(volume_id) if self._volumes is not None else None
         try:
-            kinds = check_capabilities(request.volume_capabilities)
+            kinds = check_capabilities(request.volume_capabilities, self.modes)
         except InvalidArgument as exc:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
         if entry is not None:
@@ -246,7 +269,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     message="volume was created for raw block access only")
         if request.parameters:
             try:
-                resolve_params(request.parameters, request.volume_capabilities)
+                resolve_params(request.parameters, request.volume_capabilities, self.modes)
             except InvalidArgument as exc:
                 return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
@@ -260,8 +283,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _list_entry(self, entry: Entry, view: HostView | None = None) -> csi_pb2.ListVolumesResponse.Entry:
         usage = self.volumes.usage(entry, view)
         problems = self.volumes.health(entry, usage, view)
+        if self.datastore is not None:
+            published = self.datastore.attachments.published_nodes(entry.id)
+        else:
+            published = [self.settings.node_id] if usage.in_use else []
         status = csi_pb2.ListVolumesResponse.VolumeStatus(
-            published_node_ids=[self.settings.node_id] if usage.in_use else [],
+            published_node_ids=published,
             volume_condition=csi_pb2.VolumeCondition(abnormal=bool(problems),
                                                      message="; ".join(problems) or "healthy"),
         )
@@ -294,11 +321,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
                     ) -> csi_pb2.GetCapacityResponse:
         if request.HasField("accessible_topology"):
-            node = request.accessible_topology.segments.get(TOPOLOGY_KEY)
-            if node != self.settings.node_id:
+            ((key, value),) = self.settings.topology.items()
+            if request.accessible_topology.segments.get(key) != value:
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
         if request.volume_capabilities:
-            check_capabilities(request.volume_capabilities)
+            check_capabilities(request.volume_capabilities, self.modes)
         available = self.volumes.available_bytes()
         return csi_pb2.GetCapacityResponse(
             available_capacity=available,
@@ -309,7 +336,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
                                   context: grpc.ServicerContext
                                   ) -> csi_pb2.ControllerGetCapabilitiesResponse:
-        caps = NODE_CAPS if self.settings.touches_files else CONTROLLER_ONLY_CAPS
+        caps = SHARED_CAPS if self.settings.shared else NODE_CAPS if self.settings.touches_files \
+            else CONTROLLER_ONLY_CAPS
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=c))
             for c in caps])
@@ -322,13 +350,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.HasField("capacity_range"):
             raise InvalidArgument("capacity_range is required")
         if request.HasField("volume_capability"):
-            check_capabilities([request.volume_capability])
+            check_capabilities([request.volume_capability], self.modes)
         if self._volumes is None:
             # Controller-only: the node grows image and filesystem; nothing to touch here.
             size = size_from_range(request.capacity_range, "")
             return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
                                                           node_expansion_required=True)
-        with self.inflight.hold(f"vol:{volume_id}"):
+        with self.inflight.hold(f"vol:{volume_id}"), self._attachment_held(volume_id):
             entry = self.volumes.get(volume_id)
             current = entry.size_bytes()
             size = size_from_range(request.capacity_range, entry.meta.fs_type, current=current)
@@ -336,9 +364,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise OutOfRange(f"volume {volume_id} is {current} bytes; shrinking to {size} is not supported")
             if size > current:
                 self.volumes.check_room(size - current, f"growing volume {volume_id}")
-            if self.volumes.usage(entry).in_use:
+            where = self._attached_where(entry)
+            if where and self.datastore is None:
                 # Attached or mounted here: NodeExpandVolume grows image, loop device and
                 # filesystem together, online.
+                return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+            if where:
+                # Shared mode, published to a node: the image lives on the datastore, so it
+                # grows here; the node refreshes its loop device and grows the filesystem
+                # (NodeExpandVolume), or the next stage does. Under the attachment record's
+                # lock, so no publish and stage come between the check and the growth.
+                if size > current:
+                    if entry.meta.fs_type:
+                        entry = self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=True))
+                    grow_image(entry.image, size, entry.meta.diskformat)
+                    log.info("grew the image of %s (%s) to %d bytes; the node grows its filesystem",
+                             volume_id, where, size)
                 return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
             if size > current:
                 # In use nowhere: grow the image now. Its filesystem grows at the next stage
@@ -350,6 +391,67 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 log.info("expanded unstaged volume %s to %d bytes; its filesystem grows at the next stage",
                          volume_id, size)
             return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=False)
+
+    def _attachment_held(self, volume_id: str) -> AbstractContextManager[None]:
+        """Shared mode: the volume's attachment record lock (what ControllerPublishVolume
+        holds), across every controller of the datastore; node-local mode: nothing."""
+        if self.datastore is None:
+            return nullcontext()
+        return self.datastore.attachments.hold(volume_id)
+
+    def _attached_where(self, entry: Entry) -> str:
+        """Where the volume is in use: attached or mounted on this node (node-local mode);
+        published to a node, or its image locked by a client (shared mode). Empty: nowhere."""
+        if self.datastore is None:
+            usage = self.volumes.usage(entry)
+            return usage.describe() if usage.in_use else ""
+        published = self.datastore.attachments.published_nodes(entry.id)
+        if published:
+            return f"published to {', '.join(published)}"
+        if imagelock.path_lock_state(entry.image) != imagelock.FREE:
+            return "its image is locked by a client of the datastore"
+        return ""
+
+    # -- attach (shared mode) ------------------------------------------------------------
+
+    def ControllerPublishVolume(self, request: csi_pb2.ControllerPublishVolumeRequest,
+                                context: grpc.ServicerContext) -> csi_pb2.ControllerPublishVolumeResponse:
+        require(request.volume_id, "volume_id")
+        volume_id = check_id(request.volume_id, "volume_id")
+        require(request.node_id, "node_id")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        check_capability(request.volume_capability, self.modes)
+        datastore = self.shared
+        entry = self.volumes.get(volume_id)
+        readonly = request.readonly or is_read_only(request.volume_capability)
+        multi_node = request.volume_capability.access_mode.mode in MULTI_NODE_MODES
+        with self.inflight.hold(f"vol:{volume_id}"):
+            rec = datastore.attachments.publish(volume_id, request.node_id, readonly=readonly,
+                                                multi_node=multi_node, exists=entry.image.is_file)
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context=rec.token(request.node_id))
+
+    def ControllerUnpublishVolume(self, request: csi_pb2.ControllerUnpublishVolumeRequest,
+                                  context: grpc.ServicerContext
+                                  ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        require(request.volume_id, "volume_id")
+        datastore = self.shared
+        try:
+            volume_id = check_id(request.volume_id, "volume_id")
+        except InvalidArgument:
+            return csi_pb2.ControllerUnpublishVolumeResponse()  # no such id can exist: not published
+        with self.inflight.hold(f"vol:{volume_id}"):
+            nodes = [request.node_id] if request.node_id else datastore.attachments.published_nodes(volume_id)
+            for node in nodes:
+                datastore.attachments.unpublish(volume_id, node)
+                held = datastore.holders.describe(volume_id)
+                if held:
+                    # The permission is gone; the image lock still fences the image until
+                    # that node detaches it or its datastore client is gone.
+                    log.warning("volume %s unpublished from node %s while the records say it is still "
+                                "attached on %s: no other node can stage it while that lock is held",
+                                volume_id, node, held)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
 
     def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
                                context: grpc.ServicerContext

@@ -2,15 +2,17 @@
 
 Tables for people (sizes in KiB/MiB/GiB, topology as key=value), `-o json` or `-o yaml`
 for scripts (sizes in bytes, as integers, everywhere; errors as an `error` object). The CSI
-subcommands talk to the driver's socket, each call with a deadline (--timeout); `node ...`
-and `doctor` read the data dir, sysfs and mountinfo directly and need no running driver.
-Global options (--endpoint, -o, --timeout) go before or after the subcommand.
+subcommands talk to the driver's socket, each call with a deadline (--timeout); `node ...`,
+`datastore ...` and `doctor` read the data dir, sysfs and mountinfo directly and need no
+running driver. Global options (--endpoint, -o, --timeout) go before or after the
+subcommand.
 
 Exit codes: 0 done; 1 failed (an RPC failed and its gRPC code is printed, no driver
-answers, a node operation failed, or a doctor check failed); 2 bad usage; 3 `node orphans`
-found orphans and left (some of) them in place; 4 nothing done: the named volume or
-snapshot does not exist; 5 nothing changed: it was already as asked, or the change needs
-a step this call cannot take (the message says which); 130 interrupted (Ctrl-C)."""
+answers, a node operation failed, or a doctor check failed); 2 bad usage; 3 found and left
+in place (`node orphans`: orphans; `datastore holders`: records that do not add up); 4
+nothing done: the named volume or snapshot does not exist; 5 nothing changed: it was
+already as asked, or the change needs a step this call cannot take (the message says
+which); 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -575,9 +577,10 @@ def cmd_modify(s: Session, a: argparse.Namespace) -> Outcome:
 
 
 def _settings(data_dir: Path, node_id: str = "", driver_name: str = DEFAULT_DRIVER_NAME,
-              kubelet_dir: Path = Path(DEFAULT_KUBELET_DIR)) -> Settings:
+              kubelet_dir: Path = Path(DEFAULT_KUBELET_DIR), datastore: str = "") -> Settings:
     return Settings(socket_path=Path("/nonexistent/csi.sock"), node_id=node_id or socket.gethostname(),
-                    data_dir=data_dir, driver_name=driver_name, kubelet_dir=kubelet_dir)
+                    data_dir=data_dir, driver_name=driver_name, kubelet_dir=kubelet_dir,
+                    datastore=datastore)
 
 
 @dataclass
@@ -598,8 +601,9 @@ class Local:
         if not (data_dir / "volumes").is_dir():
             raise ValueError(f"{data_dir} is not a thinloop data dir (no volumes/ inside); "
                              "pass --data-dir or set THINLOOP_DATA_DIR")
+        from .datastore import read_marker
         settings = _settings(data_dir, getattr(a, "node_id", ""),
-                             getattr(a, "driver_name", DEFAULT_DRIVER_NAME))
+                             getattr(a, "driver_name", DEFAULT_DRIVER_NAME), datastore=read_marker(data_dir) or "")
         store = Store(data_dir)
         hostos = HostOS()
         return cls(settings, store, hostos, Volumes(settings, store, hostos))
@@ -616,9 +620,12 @@ def _pct(part: int, whole: int) -> str:
 
 
 def cmd_node_status(a: argparse.Namespace) -> Outcome:
+    from .datalock import node_lock_path
     from .nodestatus import collect
     local = Local.open(a)
-    status = collect(local.store, local.hostos)
+    shared = local.settings.shared
+    lock = node_lock_path(local.settings.data_dir, local.settings.node_id) if shared else None
+    status = collect(local.store, local.hostos, lock, local.settings.datastore if shared else None)
     if a.output != "table":
         return Outcome(status.to_dict())
     vols = [{"id": v.id, "size": human(v.apparent_bytes), "allocated": human(v.allocated_bytes),
@@ -634,8 +641,10 @@ def cmd_node_status(a: argparse.Namespace) -> Outcome:
         "VOLUMES", _table(vols, ["id", "size", "allocated", "fs", "diskformat", "state", "loop",
                                  "staged_at", "published_at"]),
         "", "SNAPSHOTS", _table(snaps, ["id", "source", "size", "allocated", "fs"]), "",
-        f"{'data dir':14}{status.data_dir} ({status.data_fs_type})",
-        f"{'driver':14}{status.driver or 'none running on this data dir'}",
+        f"{'data dir':14}{status.data_dir} ({status.data_fs_type})"
+        + (f": datastore {status.datastore}, shared with other nodes" if shared else ""),
+        f"{'driver':14}{status.driver or 'none running on this data dir'}" if not shared else
+        f"{'driver':14}{status.driver or f'none running as node {local.settings.node_id}'}",
         f"{'provisioned':14}{human(t.provisioned_bytes)} in {t.volumes} volume(s)",
         f"{'allocated':14}{human(t.allocated_bytes)} "
         f"(thin saving {human(t.thin_saving_bytes)}, {_pct(t.thin_saving_bytes, t.provisioned_bytes)});"
@@ -653,7 +662,6 @@ def cmd_node_trim(a: argparse.Namespace) -> Outcome:
     volume is trimmed holding its in-flight key, so a running driver's operation on it
     (unstage, expand, snapshot) and the trim never overlap; a busy volume is skipped."""
     from .errors import Aborted
-    from .inflight import InFlight
     from .runner import CommandError
     from .volumes import fs_type_of
     local = Local.open(a)
@@ -662,7 +670,7 @@ def cmd_node_trim(a: argparse.Namespace) -> Outcome:
     if unknown:
         raise Failure(f"no volume {', '.join(unknown)} in {local.settings.data_dir}: nothing trimmed "
                       "(thinloopctl node status lists the volumes here)", EXIT_NOT_FOUND)
-    inflight = InFlight(local.settings.data_dir)
+    inflight = _driver_keys(a, local.settings)
     entries = [e for e in local.store.volumes.entries() if not a.volume or e.id in a.volume]
     rows: list[dict[str, Any]] = []
     code = EXIT_OK
@@ -711,6 +719,18 @@ def cmd_node_trim(a: argparse.Namespace) -> Outcome:
                    f"({human(max(0, before - after))} given back to the host)", code)
 
 
+def _driver_keys(a: argparse.Namespace, settings: Settings) -> Any:
+    """The in-flight keys shared with the driver of this data dir (csi_driver.inflight):
+    in shared mode those of the node driver at --endpoint, none when it is not running."""
+    from .inflight import InFlight, driver_keys
+    if not settings.shared:
+        return driver_keys(settings.data_dir, settings.socket_path, shared=False)
+    socket_path = socket_path_from_endpoint(getattr(a, "endpoint", None) or DEFAULT_ENDPOINT, "--endpoint")
+    if not socket_path.parent.is_dir():
+        return InFlight()  # no driver has run here: nothing to stay clear of
+    return driver_keys(settings.data_dir, socket_path, shared=True)
+
+
 def _confirm(prompt: str) -> bool:
     print(f"{prompt} [y/N] ", end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline()
@@ -721,6 +741,11 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
     """`cluster`: a ClusterView or a reason string to use instead of the real API (a seam
     for tests); None reads the cluster."""
     from . import orphans
+    from .datastore import read_marker
+    if read_marker(Path(a.data_dir)) is not None:
+        raise Failure(f"{a.data_dir} is a shared datastore: its images are attached on other nodes too, "
+                      "so orphans are not judged from one node (see thinloopctl datastore holders)",
+                      EXIT_USAGE)
     local = Local.open(a)
     view = orphans.load_cluster(a.kubeconfig) if cluster is None else cluster
     report = orphans.find(local.store, local.hostos, local.settings.driver_name,
@@ -739,10 +764,9 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
         print(_table([o.to_dict() for o in deletable], ["kind", "id", "detail"]), file=sys.stderr)
         if not _confirm(f"Delete these {len(deletable)} object(s)?"):
             return Outcome(report.to_dict() if a.output != "table" else "nothing deleted", EXIT_FOUND)
-    from .inflight import InFlight
     outcomes = orphans.remove(report, local.store, local.hostos, view,
                               progress=lambda o: _progress(a, f"removing {o.kind} {o.id}"),
-                              inflight=InFlight(local.settings.data_dir))
+                              inflight=_driver_keys(a, local.settings))
     failed = any(x.message.startswith("failed") for x in outcomes)
     left = any(not x.deleted for x in outcomes)
     code = EXIT_FAILED if failed else EXIT_FOUND if left else EXIT_OK
@@ -1004,22 +1028,30 @@ def build_parser() -> OneLineParser:
                         help="the driver's data dir [default: %(default)s; env THINLOOP_DATA_DIR]")
         return sp
 
-    local("status", cmd_node_status, "volumes and snapshots here, with thin totals",
-          "Apparent size, allocated bytes, filesystem, diskformat, state, loop device and mount "
-          "points of each, then what was promised, what is used, and the overcommit.")
+    node_id_help = ("this node's id, as its driver's --node-id (in shared mode it names this node's "
+                    "driver) [default: the host name; env THINLOOP_NODE_ID or NODE_NAME]")
+    node_id = os.environ.get("THINLOOP_NODE_ID", os.environ.get("NODE_NAME", ""))
+    sp = local("status", cmd_node_status, "volumes and snapshots here, with thin totals",
+               "Apparent size, allocated bytes, filesystem, diskformat, state, loop device and mount "
+               "points of each, then what was promised, what is used, and the overcommit. On a "
+               "shared datastore: every volume of it, in use on this host or not, and this node's "
+               "driver.")
+    sp.add_argument("--node-id", default=node_id, help=node_id_help)
     sp = local("trim", cmd_node_trim, "give space freed inside volumes back to the host (fstrim)",
                "Trims every staged filesystem volume, or the ones named. A name that is not a "
                "volume here stops it before anything is trimmed (exit 4); named volumes of which "
-               "none could be trimmed give exit 5.")
+               "none could be trimmed give exit 5. On a shared datastore, the volumes staged on "
+               "this host; a volume the node driver at --endpoint is working on is skipped.")
     sp.add_argument("volume", nargs="*", help="volume ids [default: every staged filesystem volume]")
+    sp.add_argument("--node-id", default=node_id, help=node_id_help)
     sp = local("orphans", cmd_node_orphans, "images, Released PVs, loop devices and mounts that nothing owns",
                "Reads the cluster's PVs and VolumeSnapshotContents; without API access judges only loop "
-               "devices and mounts. Exit 3 while orphans are left.")
+               "devices and mounts. Exit 3 while orphans are left. Refused on a shared datastore "
+               "(exit 2): from one node every image attached elsewhere would look like an orphan.")
     sp.add_argument("--kubeconfig", default="", help="[default: in-cluster, else $KUBECONFIG or ~/.kube/config]")
     sp.add_argument("--driver-name", default=os.environ.get("THINLOOP_DRIVER_NAME", DEFAULT_DRIVER_NAME),
                     help="the CSI driver name its PVs carry [default: %(default)s; env THINLOOP_DRIVER_NAME]")
-    sp.add_argument("--node-id", default=os.environ.get("THINLOOP_NODE_ID", os.environ.get("NODE_NAME", "")),
-                    help="this node's id [default: the host name; env THINLOOP_NODE_ID or NODE_NAME]")
+    sp.add_argument("--node-id", default=node_id, help=node_id_help)
     sp.add_argument("--delete", action="store_true", help="remove what is not in use, after confirmation")
     sp.add_argument("--yes", "-y", action="store_true", help="with --delete: do not ask for confirmation")
     sp = local("label-group-snapshots", cmd_node_label_group_snapshots,
@@ -1039,6 +1071,9 @@ def build_parser() -> OneLineParser:
     sp.add_argument("--driver-name", default=os.environ.get("THINLOOP_DRIVER_NAME", DEFAULT_DRIVER_NAME),
                     help="label only contents of this CSI driver [default: %(default)s; env THINLOOP_DRIVER_NAME]")
     sp.add_argument("--kubeconfig", default="", help="[default: in-cluster, else $KUBECONFIG or ~/.kube/config]")
+
+    from . import dsctl
+    dsctl.add_commands(sub, command, data_dir)
 
     sp = command(sub, "doctor", "check that this node can run thinloop; a fix for each problem",
                  "Loop devices, tools and versions, kernel filesystems, capabilities, the data dir's "

@@ -18,8 +18,14 @@ nothing in another pid namespace anyway, so the holder writes who it is into the
 one line ``pid <n> host <hostname> since <UTC time>``. A reader that finds the lock held
 shows that line.
 
-The lock takes the lock file's path, not the data dir: the driver's node-local mode locks
-``<data-dir>/.driver.lock``; another mode may lock a per-node file instead."""
+The lock takes the lock file's path, not the data dir: one mechanism, several paths. The
+driver's node-local mode locks ``<data-dir>/.driver.lock``. In shared mode many drivers use
+one data dir (the datastore): a node driver locks ``<data-dir>/nodes/<node-id>.lock``
+(node_lock_path), one driver per node id, and every controller holds a *shared* lock on
+``<data-dir>/controllers.lock`` (CONTROLLERS_LOCK), which it may turn exclusive only while
+no other controller lives: start-up recovery, which removes unfinished work, runs only
+then (csi_driver.server). Through a shared filesystem these are byte-range locks that the
+filesystem passes to its server, seen by every client (docs/shared-datastore.md)."""
 
 from __future__ import annotations
 
@@ -34,6 +40,14 @@ from pathlib import Path
 LOCK_FILE = ".driver.lock"
 """In the data dir; holds one line naming the driver that holds the lock. Recovery, the
 orphan scan and listings skip it (dot-prefixed, outside volumes/ and snapshots/)."""
+NODES_DIR = "nodes"
+CONTROLLERS_LOCK = "controllers.lock"
+
+
+def node_lock_path(data_dir: Path, node_id: str) -> Path:
+    """Shared mode: the lock a node driver holds for its node id (beside its record,
+    csi_driver.datastore.NodeRegistry)."""
+    return data_dir / NODES_DIR / f"{node_id}.lock"
 
 
 def _flock(kind: int) -> bytes:
@@ -57,11 +71,13 @@ def _describe(text: str) -> str:
 
 
 class DataDirLock:
-    """An exclusive lock on `path`, taken with `acquire` and dropped with `release` (or
-    when every process sharing the descriptor has exited)."""
+    """An exclusive lock on `path` (shared with `shared=True`: any number of shared
+    holders, no exclusive one), taken with `acquire` and dropped with `release` (or when
+    every process sharing the descriptor has exited)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, shared: bool = False) -> None:
         self.path = path
+        self.shared = shared
         self._fd = -1
 
     @property
@@ -75,9 +91,10 @@ class DataDirLock:
             return
         deadline = time.monotonic() + wait
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        kind = fcntl.F_RDLCK if self.shared else fcntl.F_WRLCK
         while True:
             try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(kind))
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
@@ -86,6 +103,9 @@ class DataDirLock:
                         raise DataDirLocked(self.path, self.holder() or "pid unknown") from None
                     raise
             time.sleep(0.05)
+        if self.shared:
+            self._fd = fd  # many holders: none writes its name
+            return
         try:
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             line = f"pid {os.getpid()} host {socket.gethostname()} since {since}\n".encode()
@@ -96,6 +116,23 @@ class DataDirLock:
             raise
         self._fd = fd
 
+    def exclusive_while_alone(self) -> bool:
+        """A held shared lock made exclusive, if no other process holds it (never waits):
+        True when it now is. Converting an OFD lock is atomic (fcntl(2)): the lock is
+        never let go in between."""
+        assert self.held and self.shared
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def back_to_shared(self) -> None:
+        """After exclusive_while_alone: shared again, letting other holders in."""
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK))
+
     def release(self) -> None:
         """Drop the lock (this process's descriptor; forked children holding the same
         description keep it until they exit)."""
@@ -105,7 +142,8 @@ class DataDirLock:
 
     def holder(self) -> str | None:
         """Who holds the lock now ("pid <n> host <h> since <t>"), None when nobody does.
-        Only reads: usable while a driver runs (thinloopctl node status)."""
+        Only reads: usable while a driver runs (thinloopctl node status). An exclusive
+        lock's holder only: a shared lock conflicts with no read lock, so it reads as free."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -1,4 +1,5 @@
-"""Volume group snapshots: one point in time across several volumes of this node.
+"""Volume group snapshots: one point in time across several volumes of this node (or of
+one datastore, in shared mode).
 
 Every member volume whose filesystem is mounted here is frozen, in the order of the
 volume ids (so two calls over overlapping volumes never wait on each other), every
@@ -26,6 +27,13 @@ the record; a crash part way is finished at start-up.
 
 Raw block members cannot be frozen: their copies are only as consistent as their writer
 keeps the device (the README says so).
+
+Shared mode (a datastore): the members are any volumes of the datastore, and the rule of a
+single snapshot holds for each (Volumes.frozen): a member attached here is frozen; one
+attached nowhere or read-only is held under a shared image lock for the copies; a member
+another node has attached read-write (whose filesystem only that node could freeze) makes
+the whole call FAILED_PRECONDITION, naming every such member, before anything is copied
+(the temporary directories already made are removed).
 """
 
 from __future__ import annotations
@@ -81,7 +89,7 @@ class GroupSnapshots:
     def get(self, group_id: str) -> GroupSnapshot:
         entry = self.records.get(group_id)
         if entry is None:
-            raise NotFound(f"volume group snapshot {group_id} does not exist on node {self.node_id}")
+            raise NotFound(f"volume group snapshot {group_id} does not exist in {self.volumes.where}")
         return self._with_members(entry)
 
     def _with_members(self, entry: GroupEntry) -> GroupSnapshot:
@@ -144,11 +152,16 @@ class GroupSnapshots:
                                 f"{'; '.join(problems)}")
 
     def _sources(self, volume_ids: list[str]) -> list[Entry]:
-        """The member volumes, sorted by id; all must be on this node."""
+        """The member volumes, sorted by id; all must be on this node (in shared mode: in
+        this datastore)."""
         found = {v: self.volumes.store.volumes.get(v) for v in volume_ids}
         elsewhere = sorted(v for v, e in found.items() if e is None)
+        where = self.volumes.where
         if elsewhere and len(elsewhere) == len(volume_ids):
-            raise NotFound(f"volume(s) {', '.join(elsewhere)} do not exist on node {self.node_id}")
+            raise NotFound(f"volume(s) {', '.join(elsewhere)} do not exist in {where}")
+        if elsewhere and self.volumes.datastore is not None:
+            raise NotFound(f"volume(s) {', '.join(elsewhere)} do not exist in {where}: a volume group "
+                           "snapshot is cut from volumes of one datastore")
         if elsewhere:
             here = sorted(v for v, e in found.items() if e is not None)
             raise FailedPrecondition(

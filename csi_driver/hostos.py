@@ -292,18 +292,24 @@ class HostOS:
                 dev = self._read_loop(Path(device).name)
                 if dev is None or dev.backing_file != image_path:
                     continue  # lost a race between attach and read; try again
-                if discard and self.discard_disabled(dev.device):
-                    # A device a thick volume left behind (its removal failed): it can never
-                    # discard again, which a thin volume needs. Give it back and take another.
-                    log.info("%s cannot discard (left so by a thick volume); using another device", device)
-                    self.detach_loop(dev.device)
+                if not self._settle_discard(dev, discard):
                     continue
-                if not discard:
-                    self.disable_discard(dev.device)
                 if direct_io and not dev.direct_io:
                     log.warning("direct I/O not enabled on %s for %s", device, image_path)
                 return dev
             raise last or CommandError(["losetup", image_path], errno.EBUSY, "no free loop device")
+
+    def _settle_discard(self, dev: LoopDevice, discard: bool) -> bool:
+        """After an attach: a thick image's device (discard=False) made to refuse discards;
+        a device that cannot discard (a thick volume left it so and its removal failed)
+        given back when discards are wanted, False then: attach another."""
+        if discard and self.discard_disabled(dev.device):
+            log.info("%s cannot discard (left so by a thick volume); using another device", dev.device)
+            self.detach_loop(dev.device)
+            return False
+        if not discard:
+            self.disable_discard(dev.device)
+        return True
 
     def _queue_limit(self, device: str, name: str) -> int:
         try:
@@ -361,6 +367,43 @@ class HostOS:
                     return
             with baton.blocking():
                 time.sleep(0.02)
+
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
+                       discard: bool = True) -> LoopDevice:
+        """Attach a loop device to the open file `fd` (of `image`) itself, so that locks
+        taken through that open file last as long as the device (csi_driver.imagelock).
+        Never falls back to losetup, which would open the file again, without the lock.
+        Direct I/O refused by the kernel (EINVAL) is retried buffered, on the same open
+        file with O_DIRECT cleared. As attach_loop: a device a racing process took (EBUSY)
+        or removed (ENXIO) is retried with another; discard=False makes the device refuse
+        discards (disable_discard), and a device left so is passed over for discard=True."""
+        image_path = real_path(image)
+        st = os.fstat(fd)
+        wanted: FileId = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        block_size = self.sector_size if self.sector_size > 512 else 0
+        with baton.locked(self._attach_lock):
+            last: linuxapi.SyscallError | None = None
+            for _ in range(_ATTACH_RETRIES):
+                device = self._ensure_node(self._free_loop_index())
+                try:
+                    linuxapi.loop_configure_fd(device, fd, image_path, readonly=readonly,
+                                               direct_io=direct_io, block_size=block_size)
+                except linuxapi.SyscallError as exc:
+                    last = exc
+                    if exc.errno in _RACE_ERRNOS:
+                        continue  # another process took (or removed) this device first
+                    if direct_io and exc.errno == errno.EINVAL:
+                        log.warning("direct I/O refused for %s; using buffered I/O", image_path)
+                        direct_io = False
+                        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                        continue
+                    raise
+                dev = self._read_loop(Path(device).name)
+                if dev is None or not dev.backs(image_path, wanted):
+                    continue  # lost a race between attach and read; try again
+                if self._settle_discard(dev, discard):
+                    return dev
+            raise last or CommandError(["LOOP_CONFIGURE", image_path], errno.EBUSY, "no free loop device")
 
     def _bind_loop(self, device: str, image: str, *, readonly: bool, direct_io: bool) -> None:
         """LOOP_CONFIGURE; losetup when the kernel refuses it for any reason but a race

@@ -12,6 +12,7 @@ from google.protobuf import wrappers_pb2
 
 from . import __version__
 from .config import Settings
+from .datastore import health as datastore_health
 from .oslayer import OSLayer
 from .proto import csi_pb2, csi_pb2_grpc
 
@@ -46,6 +47,10 @@ def readiness(settings: Settings, oslayer: OSLayer | None) -> str:
     missing = oslayer.missing_tools()
     if missing:
         return f"missing tools: {', '.join(missing)}"
+    if settings.shared:
+        problem = datastore_health(settings.data_dir, settings.datastore)
+        if problem:
+            return problem
     try:
         fd, name = tempfile.mkstemp(prefix=".probe-", dir=settings.data_dir)
         os.close(fd)
@@ -53,7 +58,7 @@ def readiness(settings: Settings, oslayer: OSLayer | None) -> str:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # full: reported by disk_full, not here
             return f"data dir {settings.data_dir} is not writable: {exc.strerror}"
-    if not os.path.exists("/dev/loop-control"):
+    if settings.runs_node and not os.path.exists("/dev/loop-control"):
         return "/dev/loop-control is missing: load the loop module or mount the host's /dev"
     return ""
 

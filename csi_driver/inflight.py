@@ -48,10 +48,10 @@ def _flock(kind: int, start: int) -> bytes:
 
 
 class InFlight:
-    def __init__(self, lock_dir: Path | None = None) -> None:
+    def __init__(self, lock_dir: Path | None = None, name: str = LOCK_FILE) -> None:
         self._lock = threading.Lock()
         self._keys: set[str] = set()
-        self._path = str(lock_dir / LOCK_FILE) if lock_dir is not None else None
+        self._path = str(lock_dir / name) if lock_dir is not None else None
         if self._path is not None:  # made once at start-up: a refused call changes nothing on disk
             os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
@@ -102,3 +102,14 @@ class InFlight:
         """Keys held by this process."""
         with self._lock:
             return len(self._keys)
+
+
+def driver_keys(data_dir: Path, socket_path: Path, *, shared: bool) -> InFlight:
+    """The in-flight keys of the driver serving socket_path over data_dir, as that driver
+    and the operator's node commands (thinloopctl node trim, orphans) share them: in the
+    data dir in node-local mode (one driver per data dir); beside the socket in shared mode,
+    where many drivers share the datastore and a controller's key of a volume must not
+    refuse a node's call on it (the attachment record's lock orders those)."""
+    if shared:
+        return InFlight(socket_path.parent, f".{socket_path.name}.inflight")
+    return InFlight(data_dir)

@@ -186,15 +186,24 @@ def loop_configure(device: str, image: str, *, readonly: bool, direct_io: bool, 
     except OSError as exc:
         raise SyscallError("open(2)", [image], exc.errno or errno.EIO) from None
     try:
-        info = bytearray(LOOP_INFO64_SIZE)
-        lo_flags = (LO_FLAGS_READ_ONLY if readonly else 0) | (LO_FLAGS_DIRECT_IO if direct_io else 0)
-        struct.pack_into("<I", info, _LO_FLAGS_AT, lo_flags)
-        name = os.fsencode(image)[:LO_NAME_SIZE - 1]
-        info[_LO_FILE_NAME_AT:_LO_FILE_NAME_AT + len(name)] = name
-        config = struct.pack("<II", backing, block_size) + bytes(info) + bytes(_LOOP_CONFIG_RESERVED)
-        _loop_ioctl(device, LOOP_CONFIGURE, config, "ioctl(LOOP_CONFIGURE)", [image], os.O_RDWR)
+        loop_configure_fd(device, backing, image, readonly=readonly, direct_io=direct_io,
+                          block_size=block_size)
     finally:
         os.close(backing)
+
+
+def loop_configure_fd(device: str, backing: int, name: str, *, readonly: bool, direct_io: bool,
+                      block_size: int) -> None:
+    """LOOP_CONFIGURE with an open file: the device keeps that very open file (and so any
+    open-file-description lock taken through it) until it is detached. `name` is what
+    sysfs shows as the backing file's name; errors as loop_configure."""
+    info = bytearray(LOOP_INFO64_SIZE)
+    lo_flags = (LO_FLAGS_READ_ONLY if readonly else 0) | (LO_FLAGS_DIRECT_IO if direct_io else 0)
+    struct.pack_into("<I", info, _LO_FLAGS_AT, lo_flags)
+    encoded = os.fsencode(name)[:LO_NAME_SIZE - 1]
+    info[_LO_FILE_NAME_AT:_LO_FILE_NAME_AT + len(encoded)] = encoded
+    config = struct.pack("<II", backing, block_size) + bytes(info) + bytes(_LOOP_CONFIG_RESERVED)
+    _loop_ioctl(device, LOOP_CONFIGURE, config, "ioctl(LOOP_CONFIGURE)", [name], os.O_RDWR)
 
 
 def loop_clear(device: str) -> None:

@@ -55,6 +55,27 @@ class NodeCollector(Collector):
         yield from self._readiness(node)
         if self.driver.store is not None:
             yield from self._store(node)
+        if self.driver.settings.shared:
+            yield from self._datastore(node)
+
+    def _datastore(self, node: str) -> Iterable[Metric]:
+        """Shared mode: the datastore's probed capabilities and the volumes not served."""
+        name = self.driver.settings.datastore
+        caps = GaugeMetricFamily(f"{NAMESPACE}_datastore_capability",
+                                 "What the datastore's filesystem can do, probed at start-up: 1 yes, "
+                                 "0 no (the driver falls back, see docs), -1 not known.",
+                                 labels=["node", "datastore", "capability"])
+        if self.driver.caps is not None:
+            for cap, value in self.driver.caps.items():
+                caps.add_metric([node, name, cap], value)
+        yield caps
+        split = GaugeMetricFamily(f"{NAMESPACE}_datastore_split_brain",
+                                  "1 for each volume attached on this node that the datastore's records "
+                                  "say another node holds (or that is not published here); not served.",
+                                  labels=["node", "datastore", "volume"])
+        for volume in sorted(self.driver.fenced):
+            split.add_metric([node, name, volume], 1)
+        yield split
 
     def _readiness(self, node: str) -> Iterable[Metric]:
         try:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
 from . import baton, caps, failpoints
-from .config import TOPOLOGY_KEY, Settings
+from .config import Settings
+from .datastore import health as datastore_health
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from .inflight import InFlight
 from .oslayer import LoopDevice, MountEntry
@@ -19,6 +21,8 @@ from .runner import CommandError
 from .store import Entry, check_id, grow_image
 from .validation import (
     EPHEMERAL_KEY,
+    SHARED_MODES,
+    SUPPORTED_MODES,
     AccessMode,
     check_capability,
     check_mount_flags,
@@ -49,11 +53,35 @@ EPHEMERAL_ATTRS = {"size", "fsType", "diskformat", "reclaim"}
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, settings: Settings, volumes: Volumes, inflight: InFlight) -> None:
+    def __init__(self, settings: Settings, volumes: Volumes, inflight: InFlight,
+                 fenced: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.volumes = volumes
         self.os = volumes.os
         self.inflight = inflight
+        self.datastore = volumes.datastore
+        """Shared mode: stage checks the attachment record and locks the image."""
+        self.modes = SHARED_MODES if self.datastore is not None else SUPPORTED_MODES
+        self.fenced = dict(fenced or {})
+        """Shared mode: volumes that start-up recovery found held by another node as well
+        as attached here (a split brain in the making), with the reason; not served."""
+
+    def _check_served(self, volume_id: str) -> None:
+        reason = self.fenced.get(volume_id)
+        if reason:
+            raise FailedPrecondition(f"volume {volume_id} is not served on this node: {reason}")
+
+    def _check_attachment(self, volume_id: str, publish_context: Mapping[str, str], readonly: bool
+                          ) -> tuple[bool, int]:
+        """Shared mode: the volume is served here and its attachment record names this
+        node with the token in publish_context (datastore.Attachments.check_stage), else
+        FAILED_PRECONDITION. Returns (read-only, the attachment's generation): a read-only
+        attachment makes the stage read-only. Node-local mode: (readonly, 0)."""
+        if self.datastore is None:
+            return readonly, 0
+        self._check_served(volume_id)
+        mine = self.datastore.attachments.check_stage(volume_id, self.settings.node_id, dict(publish_context))
+        return readonly or mine.readonly, mine.generation
 
     def _confine(self, path: str, what: str) -> str:
         return confine(path, self.settings.kubelet_dir, what)
@@ -134,12 +162,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise NotFound(f"{what} {raw[:200]!r} does not exist")
         return path
 
-    @staticmethod
-    def _mount_options(flags: list[str], fs: str, reclaim: str, readonly: bool) -> list[str]:
+    def _mount_options(self, flags: list[str], fs: str, reclaim: str, readonly: bool) -> list[str]:
         options = list(flags)
         if readonly:
             options.append("ro")
-        elif reclaim == "discard":
+        elif reclaim == "discard" and self.volumes.can_discard:
             options.append("discard")
         if fs == "xfs":
             options.append("nouuid")  # clones and restores share their source's UUID
@@ -154,15 +181,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.staging_target_path, "staging_target_path")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
-        access = check_capability(request.volume_capability)
+        access = check_capability(request.volume_capability, self.modes)
         staging = self._confine(request.staging_target_path, "staging_target_path")
         readonly = is_read_only(request.volume_capability)
         with self.inflight.hold(f"vol:{volume_id}"):
             entry = self.volumes.get(volume_id)
+            readonly, generation = self._check_attachment(volume_id, request.publish_context, readonly)
             # Look at the staging path before attaching: a refused stage changes nothing.
             if self._staged_already(entry, staging, access, request.volume_capability, readonly):
                 return csi_pb2.NodeStageVolumeResponse()
-            loop, fresh = self.volumes.attach(entry, readonly=readonly)
+            loop, fresh = self.volumes.attach(entry, readonly=readonly, generation=generation)
             failpoints.hit("stage.after_attach")
             try:
                 if access == "mount":
@@ -171,7 +199,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     self._stage_block(loop, staging)
             except BaseException:
                 if fresh and not device_mounts(self.os.mounts(), loop):
-                    self.os.detach_loop(loop.device)
+                    self.volumes.detach(volume_id, loop)
                 raise
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -259,7 +287,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if entry is None:
                 return csi_pb2.NodeUnstageVolumeResponse()
             loop = loop or self.os.find_loop(entry.image)  # a retry finds nothing mounted
-            still = self.volumes.detach_if_unused(loop) if loop is not None else []
+            still = self.volumes.detach_if_unused(loop, volume_id) if loop is not None else []
+            if loop is None and self.datastore is not None:
+                self.datastore.holders.remove(volume_id, self.settings.node_id)
             # Left attached for other users: the last of them to unpublish detaches it.
             self.volumes.mark_detach_when_unused(entry, bool(still))
         return csi_pb2.NodeUnstageVolumeResponse()
@@ -273,8 +303,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.target_path, "target_path")
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
-        access = check_capability(request.volume_capability)
+        access = check_capability(request.volume_capability, self.modes)
         ephemeral = request.volume_context.get(EPHEMERAL_KEY) == "true"
+        if ephemeral and self.datastore is not None:
+            raise InvalidArgument("inline ephemeral volumes are not served in shared mode (they are "
+                                  "never attached through ControllerPublishVolume); use a generic "
+                                  "ephemeral volume, or the node-local driver")
         if not ephemeral:
             require(request.staging_target_path, "staging_target_path")
         target = self._confine(request.target_path, "target_path")
@@ -285,6 +319,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self._publish_ephemeral(volume_id, request, target, readonly)
                 return csi_pb2.NodePublishVolumeResponse()
             entry = self.volumes.get(volume_id)
+            self._check_served(volume_id)
             loop = self.os.find_loop(entry.image)
             if loop is None:
                 raise FailedPrecondition(f"volume {volume_id} is not staged: NodeStageVolume first")
@@ -410,7 +445,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             # Undo only what this call made: an existing ephemeral volume keeps its data
             # when a retry fails.
             if fresh:
-                self.os.detach_loop(loop.device)
+                self.volumes.detach(volume_id, loop)
             if created:
                 self.volumes.remove(entry)
             raise
@@ -433,10 +468,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if entry is not None and entry.meta.ephemeral:
                 loop = self.os.find_loop(entry.image)
                 if loop is not None:
-                    self.volumes.detach_if_unused(loop)
+                    self.volumes.detach_if_unused(loop, volume_id)
                 self.volumes.remove(entry)
             elif loop is not None and entry is not None and self.volumes.detach_when_unused(entry) \
-                    and not self.volumes.detach_if_unused(loop):
+                    and not self.volumes.detach_if_unused(loop, volume_id):
                 # Its last staging path was unstaged while this publish still used the
                 # device: nothing uses it now, and it has just been detached.
                 self.volumes.mark_detach_when_unused(entry, False)
@@ -458,6 +493,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         loop, mount = self._volume_at(volume_id, entry, path)
         usage = Usage(loop, device_mounts(self.os.mounts(), loop))
         problems = self.volumes.health(entry, usage)
+        if self.fenced.get(volume_id):
+            problems.append(f"not served on this node: {self.fenced[volume_id]}")
         condition = csi_pb2.VolumeCondition(abnormal=bool(problems),
                                             message="; ".join(problems) or "healthy")
         Unit = csi_pb2.VolumeUsage.Unit
@@ -483,8 +520,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = check_id(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         if request.HasField("volume_capability"):
-            check_capability(request.volume_capability)
+            check_capability(request.volume_capability, self.modes)
         self.volumes.get(volume_id)
+        self._check_served(volume_id)
         path = self._volume_path(request.volume_path, "volume_path")
         if request.staging_target_path:
             self._confine(request.staging_target_path, "staging_target_path")
@@ -539,10 +577,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
                     ) -> csi_pb2.NodeGetInfoResponse:
+        topology = self.settings.topology
+        if self.settings.shared:
+            # Only a node that sees the datastore (mounted, the right one, taking writes) says
+            # it can reach its volumes; the scheduler places their pods elsewhere otherwise.
+            problem = datastore_health(self.settings.data_dir, self.settings.datastore)
+            if problem:
+                log.warning("NodeGetInfo: no datastore topology: %s", problem)
+                topology = {}
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.settings.node_id,
             max_volumes_per_node=self.settings.max_volumes_per_node,
-            accessible_topology=csi_pb2.Topology(segments={TOPOLOGY_KEY: self.settings.node_id}),
+            accessible_topology=csi_pb2.Topology(segments=topology),
         )
 
 

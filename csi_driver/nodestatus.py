@@ -92,10 +92,13 @@ class NodeStatus:
     totals: Totals
     driver: str | None = None
     """The driver holding the data dir's lock ("pid <n> host <h> since <t>"), None when
-    no driver runs on it (csi_driver.datalock)."""
+    no driver runs on it (csi_driver.datalock); in shared mode, this node's driver."""
+    datastore: str | None = None
+    """Shared mode: the datastore's name (the data dir is its mount); None: node-local."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"data_dir": self.data_dir, "data_fs_type": self.data_fs_type, "driver": self.driver,
+                "datastore": self.datastore,
                 "volumes": [v.to_dict() for v in self.volumes],
                 "snapshots": [s.to_dict() for s in self.snapshots],
                 "totals": self.totals.to_dict()}
@@ -195,7 +198,11 @@ def object_status(entry: Entry, oslayer: OSLayer, mounts: list[MountEntry]) -> O
         staged_at=staged, published_at=published)
 
 
-def collect(store: Store, oslayer: OSLayer) -> NodeStatus:
+def collect(store: Store, oslayer: OSLayer, lock: Path | None = None, datastore: str | None = None
+            ) -> NodeStatus:
+    """What is on this data dir and in use on this host. `lock`: the lock file whose holder
+    is the driver to name (default <data-dir>/.driver.lock, node-local mode; in shared mode
+    this node's nodes/<node-id>.lock); `datastore`: the datastore's name in shared mode."""
     mounts = oslayer.mounts()
     data_fs = filesystem_of(store.data_dir, mounts)
     return NodeStatus(
@@ -204,4 +211,5 @@ def collect(store: Store, oslayer: OSLayer) -> NodeStatus:
         volumes=[object_status(e, oslayer, mounts) for e in store.volumes.entries()],
         snapshots=[object_status(e, oslayer, mounts) for e in store.snapshots.entries()],
         totals=store_totals(store),
-        driver=DataDirLock(store.data_dir / LOCK_FILE).holder())
+        driver=DataDirLock(lock or store.data_dir / LOCK_FILE).holder(),
+        datastore=datastore)

@@ -101,6 +101,12 @@ class OSLayer(Protocol):
         turn into holes punched in the image (thick volumes); until it is detached."""
         ...
 
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
+                       discard: bool = True) -> LoopDevice:
+        """Attach the open file fd itself (the device keeps it, and its locks); discard as
+        attach_loop."""
+        ...
+
     def detach_loop(self, device: str) -> None: ...
 
     def refresh_loop(self, device: str) -> None:

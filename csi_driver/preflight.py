@@ -15,7 +15,8 @@ import stat
 from pathlib import Path
 
 from .config import Settings, parse_address
-from .datalock import LOCK_FILE, DataDirLock
+from .datalock import LOCK_FILE, DataDirLock, node_lock_path
+from .datastore import marker_problem, node_in_use
 from .hostos import REQUIRED_TOOLS
 
 LOOP_CONTROL = "/dev/loop-control"
@@ -34,17 +35,50 @@ class StartupError(RuntimeError):
 def check(settings: Settings) -> None:
     """Every check, cheapest and most basic first; raise StartupError at the first failure.
     A data dir another driver holds is named first: a second copy started with the same
-    flags is told who holds the data dir (its socket is that driver's too)."""
-    if settings.touches_files:
+    flags is told who holds the data dir (its socket is that driver's too). In shared mode
+    the datastore comes first the same way (its marker, and the node id's lock)."""
+    if settings.shared:
+        _check_datastore(settings)
+    elif settings.touches_files:
         _check_data_dir_free(settings)
     inspect_endpoint(str(settings.socket_path), settings.source("endpoint"))
     _check_socket_dir(settings)
     if settings.metrics_address:
         _check_metrics_address(settings)
     if settings.touches_files:
-        _check_data_dir(settings)
+        if not settings.shared:
+            _check_data_dir(settings)
         _check_tools()
+    if settings.touches_files and settings.runs_node:
         _check_loop_control()
+
+
+def _check_datastore(settings: Settings) -> None:
+    """Shared mode: the data dir is the datastore's mount (a directory that exists, is
+    never made, and takes writes), its marker names --datastore (or, for a controller, it
+    is a mount point where the marker is still to be made: csi_driver.datastore), and no
+    other driver holds this node id's lock there."""
+    source, path = settings.source("data_dir"), settings.data_dir
+    named = f"{settings.source('datastore')} {settings.datastore}"
+    if not path.is_dir():
+        what = "is not a directory" if os.path.lexists(path) else "does not exist"
+        raise StartupError(f"{source} {path}: {what}; with {named} it is the datastore's mount, which the "
+                           "driver never creates: mount the datastore there")
+    problem = marker_problem(path, settings.datastore, may_create=settings.runs_controller)
+    if problem:
+        raise StartupError(f"{named}: {problem}")
+    if settings.runs_node:
+        lock = node_lock_path(path, settings.node_id)
+        try:
+            holder = DataDirLock(lock).holder()
+        except OSError:
+            holder = None  # unreadable: the writability check below says why
+        if holder is not None:
+            raise StartupError(f"{settings.source('node_id')} {settings.node_id}: "
+                               f"{node_in_use(settings.node_id, holder, lock)}")
+    problem = _writable_dir_problem(path)
+    if problem:
+        raise StartupError(f"{source} {path}: {problem}; the datastore's mount must take writes")
 
 
 def _check_data_dir_free(settings: Settings) -> None:

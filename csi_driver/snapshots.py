@@ -28,7 +28,7 @@ class Snapshots:
         deleted (csi_driver.grouprecords)."""
         entry = self.store.snapshots.get(snap_id)
         if entry is None or self.group_of(entry) is None:
-            raise NotFound(f"snapshot {snap_id} does not exist on node {self.volumes.settings.node_id}")
+            raise NotFound(f"snapshot {snap_id} does not exist in {self.volumes.where}")
         return entry
 
     def group_of(self, entry: Entry, membership: Membership | None = None) -> str | None:

@@ -28,7 +28,7 @@ IMAGE = "disk.img"
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # fullmatch: "$" passes a trailing newline
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")  # fullmatch: "$" passes a trailing newline
 _ZERO_CHUNK = 4 << 20
 
 
@@ -39,7 +39,7 @@ def check_id(value: str, what: str) -> str:
     if not ID_RE.fullmatch(value):
         raise InvalidArgument(
             f"{what} {value[:80]!r} is not valid: use 1-128 characters of letters, digits, "
-            "'.', '_' and '-', starting with a letter or digit")
+            "'.', '_', '+' and '-', starting with a letter or digit")
     return value
 
 

@@ -7,7 +7,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,10 @@ SUPPORTED_MODES = {
     AccessMode.SINGLE_NODE_SINGLE_WRITER,
     AccessMode.SINGLE_NODE_MULTI_WRITER,
 }
-READ_ONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY}
+SHARED_MODES = SUPPORTED_MODES | {AccessMode.MULTI_NODE_READER_ONLY}
+"""Shared mode: several nodes may attach one image, all read-only (ControllerPublishVolume)."""
+READ_ONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY}
+MULTI_NODE_MODES = {AccessMode.MULTI_NODE_READER_ONLY}
 _MOUNT_FLAG_RE = re.compile(r"[A-Za-z0-9_.:=/+-]{1,128}")
 _FORBIDDEN_FLAGS = {"bind", "rbind", "remount", "move", "make-shared", "make-rshared"}
 
@@ -64,19 +67,24 @@ def require(value: object, what: str) -> None:
         raise InvalidArgument(f"{what} is required")
 
 
-def check_capability(cap: csi_pb2.VolumeCapability) -> str:
-    """Validate one capability; return its access type, 'mount' or 'block'."""
+def check_capability(cap: csi_pb2.VolumeCapability, modes: Set[int] = SUPPORTED_MODES) -> str:
+    """Validate one capability against the access modes served (SUPPORTED_MODES; in shared
+    mode SHARED_MODES); return its access type, 'mount' or 'block'."""
     access = cap.WhichOneof("access_type")
     if access is None:
         raise InvalidArgument("volume_capability needs an access_type (mount or block)")
     if not cap.HasField("access_mode"):
         raise InvalidArgument("volume_capability.access_mode is required")
     mode = cap.access_mode.mode
-    if mode not in SUPPORTED_MODES:
+    if mode not in modes:
         name = AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
+        if AccessMode.MULTI_NODE_READER_ONLY not in modes:
+            raise InvalidArgument(
+                f"access mode {name} is not supported: thinloop volumes live on one node "
+                "(SINGLE_NODE_* modes only)")
         raise InvalidArgument(
-            f"access mode {name} is not supported: thinloop volumes live on one node "
-            "(SINGLE_NODE_* modes only)")
+            f"access mode {name} is not supported: a volume is written by one node at a time "
+            "(SINGLE_NODE_* modes, or MULTI_NODE_READER_ONLY)")
     if access == "mount":
         fs = cap.mount.fs_type
         if fs and fs not in FILESYSTEMS:
@@ -85,8 +93,8 @@ def check_capability(cap: csi_pb2.VolumeCapability) -> str:
     return str(access)
 
 
-def check_capabilities(caps: Iterable[csi_pb2.VolumeCapability]) -> set[str]:
-    kinds = {check_capability(c) for c in caps}
+def check_capabilities(caps: Iterable[csi_pb2.VolumeCapability], modes: Set[int] = SUPPORTED_MODES) -> set[str]:
+    kinds = {check_capability(c, modes) for c in caps}
     if not kinds:
         raise InvalidArgument("volume_capabilities is required")
     return kinds
@@ -112,9 +120,10 @@ def capability_fs(caps: Iterable[csi_pb2.VolumeCapability]) -> str:
     return found.pop() if found else ""
 
 
-def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeCapability]) -> VolumeParams:
+def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeCapability],
+                   modes: Set[int] = SUPPORTED_MODES) -> VolumeParams:
     caps = list(caps)
-    kinds = check_capabilities(caps)
+    kinds = check_capabilities(caps, modes)
     unknown = sorted(k for k in parameters if k not in STORAGECLASS_PARAMETERS and not k.startswith(K8S_PREFIX))
     if unknown:
         raise InvalidArgument(

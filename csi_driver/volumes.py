@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import baton, failpoints
+from . import baton, failpoints, imagelock
 from .config import Settings
+from .datastore import Datastore, Holder
+from .dscaps import Capabilities
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id, real_path
 from .runner import CommandError
@@ -22,6 +24,10 @@ from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync
 from .validation import VolumeParams, check_reclaim
 
 log = logging.getLogger(__name__)
+
+LOCK_WAIT_SECONDS = 2.0
+"""Shared mode: how long NodeStageVolume retries an image lock that another client holds
+(one just let go of can take a moment to reach the datastore's server)."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,27 @@ def mount_at(mounts: list[MountEntry], path: str) -> MountEntry | None:
 
 
 class Volumes:
-    def __init__(self, settings: Settings, store: Store, oslayer: OSLayer) -> None:
+    def __init__(self, settings: Settings, store: Store, oslayer: OSLayer,
+                 datastore: Datastore | None = None, caps: Capabilities | None = None) -> None:
         self.settings = settings
         self.store = store
         self.os = oslayer
+        self.datastore = datastore
+        """Shared mode: the datastore's records; images are then attached under a lock."""
+        self.caps = caps
+        """Shared mode: what the datastore's filesystem can do (None: assume everything)."""
+
+    @property
+    def where(self) -> str:
+        """Where this driver's volumes live, for messages."""
+        if self.datastore is not None:
+            return f"datastore {self.datastore.name}"
+        return f"node {self.settings.node_id}"
+
+    @property
+    def can_discard(self) -> bool:
+        """Online discard can give space back (the datastore punches holes)."""
+        return self.caps is None or bool(self.caps.punch_hole)
 
     # -- lookup -------------------------------------------------------------------------
 
@@ -164,7 +187,7 @@ class Volumes:
     def get(self, volume_id: str) -> Entry:
         entry = self.store.volumes.get(volume_id)
         if entry is None:
-            raise NotFound(f"volume {volume_id} does not exist on node {self.settings.node_id}")
+            raise NotFound(f"volume {volume_id} does not exist in {self.where}")
         return entry
 
     def usage(self, entry: Entry, view: HostView | None = None) -> Usage:
@@ -193,7 +216,7 @@ class Volumes:
         room = self.available_bytes()
         if size > room:
             raise ResourceExhausted(
-                f"{what} needs {size} bytes but node {self.settings.node_id} has {room} available "
+                f"{what} needs {size} bytes but {self.where} has {room} available "
                 f"(free space minus unused thin promises, overcommit ratio {self.settings.overcommit_ratio})")
 
     # -- creation -----------------------------------------------------------------------
@@ -238,7 +261,8 @@ class Volumes:
         raw block device cannot be frozen: its copy is only as consistent as the writer
         makes it; the README says so.) The copy is made for `diskformat`: thin keeps
         holes and shares blocks (reflink) where it can; a thick copy gets blocks of its
-        own, and an eagerzeroedthick one has every byte written."""
+        own, and an eagerzeroedthick one has every byte written. Shared mode: see
+        `frozen` (the copy holds a shared lock on a source not attached by this node)."""
         with self.frozen([source]):
             self.os.copy_image(source.image, dest, sparse=diskformat != "eagerzeroedthick",
                                shared=diskformat == "thin")
@@ -253,9 +277,18 @@ class Volumes:
         frozen. Callers that freeze several volumes pass them in a stable order (sorted by
         id), so two calls over overlapping sets cannot wait on each other. Raw block
         volumes, and volumes not mounted here, are not frozen (FIFREEZE needs a mounted
-        filesystem: Documentation/filesystems/vfs.rst, freeze_fs)."""
+        filesystem: Documentation/filesystems/vfs.rst, freeze_fs).
+
+        Shared mode: an entry this node has not attached may be attached on another node,
+        whose filesystem only that node could freeze. For the whole block each such entry
+        is held under a shared lock on its image (csi_driver.imagelock), so no node can
+        attach it read-write meanwhile, and this host's cached pages of it are dropped
+        first (they may predate what a node wrote through its own client). Entries that
+        another node has attached read-write (their images locked exclusively) are
+        refused, all named in one FAILED_PRECONDITION, before anything is frozen."""
         points: list[str] = []
         failed = False
+        guards = self._copy_guards(entries)
         try:
             for entry in entries:
                 point = self.fs_mount_point(self.usage(entry))
@@ -274,8 +307,42 @@ class Volumes:
                 except Exception as exc:  # thaw the rest whatever one of them did
                     log.error("cannot thaw %s: %s", point, exc)
                     first = first or exc
+            for fd in guards:
+                os.close(fd)
             if first is not None and not failed:
                 raise first
+
+    def _copy_guards(self, entries: Sequence[Entry]) -> list[int]:
+        """Shared mode: a shared lock on the image of each entry this node's driver has not
+        attached itself (see `frozen`), taken in the order given; the descriptors that hold
+        them. FAILED_PRECONDITION naming every entry some client has locked exclusively
+        (attached read-write), holding none. Node-local mode: none."""
+        if self.datastore is None:
+            return []
+        guards: list[int] = []
+        refused: list[str] = []
+        try:
+            for entry in entries:
+                if self.settings.runs_node and self.os.find_loop(entry.image) is not None:
+                    continue  # attached by this node: frozen here if mounted
+                try:
+                    fd = imagelock.open_locked(entry.image, readonly=True, direct=False)
+                except imagelock.LockHeld:
+                    held = self.datastore.holders.describe(entry.id) or "a node the records do not name"
+                    refused.append(f"{entry.id} (attached read-write on {held})")
+                    continue
+                guards.append(fd)
+                imagelock.drop_cache(fd)
+            if refused:
+                raise FailedPrecondition(
+                    f"volume(s) {'; '.join(refused)}: a filesystem can only be frozen on the node that "
+                    "has it attached, so a copy taken now would not be consistent; snapshot or clone "
+                    "while detached or attached read-only")
+        except BaseException:
+            for fd in guards:
+                os.close(fd)
+            raise
+        return guards
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
         self.copy_consistent(source, image, params.diskformat)
@@ -295,17 +362,68 @@ class Volumes:
 
     # -- node-side helpers --------------------------------------------------------------
 
-    def attach(self, entry: Entry, *, readonly: bool) -> tuple[LoopDevice, bool]:
+    def attach(self, entry: Entry, *, readonly: bool, generation: int = 0) -> tuple[LoopDevice, bool]:
         """The loop device of this image, attaching one if there is none. A thick
         volume's device refuses discards (OSLayer.disable_discard), whoever attached it.
-        Returns (device, newly_attached)."""
+        Returns (device, newly_attached). Shared mode: see attach_fenced (`generation` is
+        the attachment's, for the holder record)."""
         thin = entry.meta.diskformat == "thin"
         loop = self.os.find_loop(entry.image)
         if loop is not None:
             if not thin:
                 self.os.disable_discard(loop.device)
             return loop, False
-        return self.os.attach_loop(entry.image, readonly=readonly, discard=thin), True
+        if self.datastore is None:
+            return self.os.attach_loop(entry.image, readonly=readonly, discard=thin), True
+        return self.attach_fenced(entry, readonly, generation, discard=thin), True
+
+    def attach_fenced(self, entry: Entry, readonly: bool, generation: int, *, discard: bool) -> LoopDevice:
+        """Lock the whole image through the datastore (exclusive, or shared for read-only)
+        on one open of it, and give the loop device that very open file: the lock then
+        lasts as long as the device is attached (csi_driver.imagelock). Another client's
+        lock refuses it: FAILED_PRECONDITION naming the holder as far as the records know.
+        Then record this node as a holder. `discard` as OSLayer.attach_loop."""
+        assert self.datastore is not None
+        direct = self.caps is None or bool(self.caps.o_direct)
+        try:
+            fd = imagelock.open_locked(entry.image, readonly=readonly, direct=direct, wait=LOCK_WAIT_SECONDS)
+        except imagelock.LockHeld:
+            raise FailedPrecondition(self._held_message(entry.id)) from None
+        try:
+            # Pages this host cached from an earlier attach predate what other nodes wrote
+            # since (buffered I/O when the datastore has no O_DIRECT; the superblock read).
+            imagelock.drop_cache(fd)
+            loop = self.os.attach_loop_fd(fd, entry.image, readonly=readonly, direct_io=direct,
+                                          discard=discard)
+        finally:
+            os.close(fd)
+        try:
+            self.datastore.holders.put(Holder(entry.id, self.settings.node_id, readonly, generation,
+                                              time.time(), loop.device))
+        except BaseException:
+            self.os.detach_loop(loop.device)
+            raise
+        return loop
+
+    def _held_message(self, volume_id: str) -> str:
+        assert self.datastore is not None
+        others = self.datastore.holders.describe(volume_id, but=self.settings.node_id)
+        if others:
+            who = others
+        elif self.datastore.holders.describe(volume_id):
+            who = ("this node's driver itself (a lock re-taken at start-up for a device that has "
+                   "since gone; it is let go within one heartbeat)")
+        else:
+            who = "a client the records do not name"
+        return (f"volume {volume_id}'s image is locked through the datastore by {who}: it is still "
+                "attached there. It can be staged here once that node detaches it, or once that "
+                "node's datastore client is gone (node fenced)")
+
+    def detach(self, volume_id: str | None, loop: LoopDevice) -> None:
+        """Detach the device; in shared mode also drop this node's holder record."""
+        self.os.detach_loop(loop.device)
+        if self.datastore is not None and volume_id is not None:
+            self.datastore.holders.remove(volume_id, self.settings.node_id)
 
     def ensure_filesystem(self, entry: Entry, loop: LoopDevice, requested: str) -> str:
         """The filesystem on the device. Makes one only when blkid finds none and the
@@ -337,14 +455,15 @@ class Volumes:
                 "it will not be reformatted")
         return found
 
-    def detach_if_unused(self, loop: LoopDevice) -> list[str]:
+    def detach_if_unused(self, loop: LoopDevice, volume_id: str | None = None) -> list[str]:
         """Detach the device unless a staging path or publish still uses it (a mount of
-        its filesystem, a bind of its node); returns where it is still used."""
+        its filesystem, a bind of its node); returns where it is still used. Shared mode:
+        detach as `detach` does (the holder record of volume_id goes too)."""
         still = [m.mount_point for m in device_mounts(self.os.mounts(), loop)]
         if still:
             log.info("%s stays attached: still used at %s", loop.device, ", ".join(still))
             return still
-        self.os.detach_loop(loop.device)
+        self.detach(volume_id, loop)
         return []
 
     def mark_detach_when_unused(self, entry: Entry, on: bool) -> None:
@@ -393,8 +512,26 @@ class Volumes:
         inside = [m.mount_point for m in self.os.mounts() if m.mount_point.startswith(prefix)]
         if inside:
             raise FailedPrecondition(f"volume {entry.id} has mounts inside its directory: {inside}")
-        self.store.volumes.delete(entry.id)
+        if self.datastore is None:
+            self.store.volumes.delete(entry.id)
+        else:
+            # Under the record's lock, which ControllerPublishVolume also holds: a publish
+            # on another controller either comes first (and this refuses) or finds it gone.
+            with self.datastore.attachments.hold(entry.id):
+                self._check_unattached(entry)
+                self.store.volumes.delete(entry.id)
+                self.datastore.forget_volume(entry.id)
         log.info("deleted volume %s", entry.id)
+
+    def _check_unattached(self, entry: Entry) -> None:
+        """Shared mode: not published to any node, and no client holds its image."""
+        assert self.datastore is not None
+        published = self.datastore.attachments.published_nodes(entry.id)
+        if published:
+            raise FailedPrecondition(f"volume {entry.id} is published to node(s) {', '.join(published)}: "
+                                     "ControllerUnpublishVolume first")
+        if imagelock.path_lock_state(entry.image) != imagelock.FREE:
+            raise FailedPrecondition(f"volume {entry.id} is in use: {self._held_message(entry.id)}")
 
     def fs_mount(self, usage: Usage) -> MountEntry | None:
         """The mount of the volume's own filesystem (not a bind of it), if any."""

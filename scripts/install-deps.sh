@@ -38,10 +38,13 @@ RUNTIME_TOOLS=(
   xfs_growfs:xfsprogs
   cp:coreutils
 )
-# Only the tests use these.
+# Only the tests use these (GlusterFS: the shared-datastore tests' datastore, tests/gluster.py).
 TEST_TOOLS=(
   fio:fio
   shellcheck:shellcheck
+  glusterd:glusterfs-server
+  gluster:glusterfs-cli
+  glusterfs:glusterfs-client
 )
 
 say() { echo "install-deps: $*"; }

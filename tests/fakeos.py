@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver.oslayer import LoopDevice, MountEntry
+from csi_driver.oslayer import LoopDevice, MountEntry, file_id
 
 MARKER = b"FAKEFS:"
 
@@ -21,12 +21,14 @@ class FakeOS:
         self.calls: list[tuple[str, ...]] = []
         self.frozen: set[str] = set()
         self.missing: list[str] = []
+        self.kept: dict[int, int] = {}
+        """Loop index -> a copy of the open file attach_loop_fd was given, as the kernel keeps it."""
         self.no_discard: set[int] = set()
 
     def _dev(self, index: int) -> LoopDevice:
         image = self.loops[index]
         return LoopDevice(f"/dev/loop{index}", image, f"7:{index}", True, index in self.readonly,
-                          os.stat(image).st_size if os.path.exists(image) else 0)
+                          os.stat(image).st_size if os.path.exists(image) else 0, file_id(image))
 
     def _image_of(self, device: str) -> str:
         return self.loops[int(device.removeprefix("/dev/loop"))]
@@ -54,19 +56,28 @@ class FakeOS:
             self.no_discard.add(index)
         return self._dev(index)
 
+    def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
+                       discard: bool = True) -> LoopDevice:
+        dev = self.attach_loop(image, readonly=readonly, discard=discard)
+        self.kept[int(dev.device.removeprefix("/dev/loop"))] = os.dup(fd)
+        return dev
+
     def disable_discard(self, device: str) -> None:
         self.no_discard.add(int(device.removeprefix("/dev/loop")))
 
     def detach_loop(self, device: str) -> None:
         self.calls.append(("detach", device))
-        self.loops.pop(int(device.removeprefix("/dev/loop")), None)
-        self.no_discard.discard(int(device.removeprefix("/dev/loop")))
+        index = int(device.removeprefix("/dev/loop"))
+        self.loops.pop(index, None)
+        self.no_discard.discard(index)
+        if index in self.kept:
+            os.close(self.kept.pop(index))
 
     def refresh_loop(self, device: str) -> None:
         self.calls.append(("refresh", device))
 
     def attached_read_only(self, device: str) -> bool:
-        return False
+        return int(device.removeprefix("/dev/loop")) in self.readonly
 
     def set_device_readonly(self, device: str, readonly: bool) -> None:
         index = int(device.removeprefix("/dev/loop"))

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from csi_driver.config import FLAGS, parse_settings
+from csi_driver.config import FLAGS, SettingsError, parse_settings
 
 from .manifests import (
     CHART_DIR,
@@ -59,7 +59,7 @@ CLASSES = {
     "thinloop-shared-eagerzeroedthick": "eagerzeroedthick",
     "thinloop-shared-retain": "thin",
 }
-# Flags of the shared mode that the driver side of issue 17 adds.
+# The flag that turns the driver into shared mode.
 SHARED_MODE_FLAGS = {"--datastore"}
 
 REQUIRED: dict[str, set[Rule]] = {
@@ -400,19 +400,17 @@ def test_rbac_check_catches_mistakes(shared: list[Obj]) -> None:
         check_rbac(extra)
 
 
-def test_driver_flags_exist_except_the_shared_mode_ones(shared: list[Obj], shared_chart: list[Obj]) -> None:
-    """Every flag the manifests pass is one of csi_driver/config.py's, or --datastore."""
+def test_driver_flags_exist(shared: list[Obj], shared_chart: list[Obj]) -> None:
+    """Every flag the manifests pass is one of csi_driver/config.py's, --datastore among them."""
     for _, objs in renderings(shared, shared_chart):
         for kind, wname in (CONTROLLER, NODE):
             driver = containers(find(objs, kind, wname))["thinloop"]
             names = {a.partition("=")[0] for a in driver_args(objs, driver)}
             unknown = {n for n in names if not driver_knows(n)}
-            assert unknown <= SHARED_MODE_FLAGS, f"{wname}: the driver has no {sorted(unknown)}"
+            assert not unknown, f"{wname}: the driver has no {sorted(unknown)}"
             assert names >= SHARED_MODE_FLAGS
 
 
-@pytest.mark.xfail(not driver_knows("--datastore"), strict=True,
-                   reason="the driver side of issue 17 (--datastore) is not on this branch yet")
 def test_driver_accepts_the_shared_arguments(shared: list[Obj], shared_chart: list[Obj]) -> None:
     """The driver parses the manifests' arguments, and its shared-mode defaults match them."""
     for _, objs in renderings(shared, shared_chart):
@@ -423,12 +421,22 @@ def test_driver_accepts_the_shared_arguments(shared: list[Obj], shared_chart: li
                 settings = parse_settings(args, environ={})
                 default_name = parse_settings([a for a in args if not a.startswith("--driver-name")],
                                               environ={}).driver_name
-            except SystemExit as exc:
-                raise AssertionError(f"{wname}: the driver refuses {args}") from exc
+            except SettingsError as exc:
+                raise AssertionError(f"{wname}: the driver refuses {args}: {exc}") from exc
             assert settings.driver_name == SHARED_DRIVER_NAME
             assert default_name == SHARED_DRIVER_NAME, "the driver's default name in shared mode"
             assert settings.mode == flag(driver, "--mode")
+            assert settings.shared and settings.datastore == DEFAULTS["name"]
+            assert settings.topology == {DATASTORE_TOPOLOGY_KEY: DEFAULTS["name"]}
+            # The data dir is the mount point <root>/<name> (where the controller may make the
+            # marker), and each node driver is known by its Kubernetes node name.
             assert settings.data_dir == Path(f"{DEFAULTS['root']}/{DEFAULTS['name']}")
+            assert settings.node_id == "node-1"
+            assert flag(driver, "--node-id") == "$(NODE_NAME)"
+            env = {e["name"]: e for e in driver["env"]}
+            assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+            # Served where the sidecars dial, in the mode the workload is for.
+            assert settings.runs_node == (kind == "DaemonSet") and settings.runs_controller == (kind == "Deployment")
     sources = "".join(p.read_text() for p in (ROOT / "csi_driver").rglob("*.py"))
     assert DATASTORE_TOPOLOGY_KEY in sources
 

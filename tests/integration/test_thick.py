@@ -1,4 +1,4 @@
-"""Thick stays thick (issue 14, class 2). A zeroedthick or eagerzeroedthick volume keeps its
+"""Thick stays thick (issue 14, class 2), in node-local and in shared mode. A zeroedthick or eagerzeroedthick volume keeps its
 whole size allocated on the node for its whole life. Every path that used to give part of
 it back is exercised here, with the image's allocated bytes (st_blocks * 512) measured after
 each step: online discard (the old default reclaim), fstrim (by hand and `node trim`), the
@@ -12,16 +12,18 @@ import multiprocessing
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from csi_driver import ctl
+from csi_driver import ctl, imagelock
+from csi_driver.datastore import init_marker
 from csi_driver.hostos import HostOS
 from csi_driver.proto import csi_pb2
 from csi_driver.store import Meta
-from tests.conftest import Driver
+from tests.conftest import NODE_ID, Driver
 from tests.helpers import (
     MIB,
     SIZES,
@@ -262,20 +264,38 @@ def test_an_old_thick_volume_with_discard_in_its_metadata_is_mounted_without_it(
     delete(c, "legacy")
 
 
-def test_a_device_that_cannot_discard_is_never_handed_to_a_thin_volume(workdir: Path) -> None:
+def _attach(host: HostOS, image: Path, *, discard: bool, how: str) -> str:
+    """Attach as node-local mode does ("path": attach_loop), or as a shared-mode stage does
+    ("fd": lock the image through one open of it and hand that open file to the loop
+    device, csi_driver.imagelock and HostOS.attach_loop_fd, never losetup)."""
+    if how == "path":
+        return host.attach_loop(image, readonly=False, discard=discard).device
+    fd = imagelock.open_locked(image, readonly=False, direct=False)
+    try:
+        return host.attach_loop_fd(fd, image, readonly=False, direct_io=True, discard=discard).device
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["path", "fd"])
+def test_a_device_that_cannot_discard_is_never_handed_to_a_thin_volume(workdir: Path, how: str) -> None:
     """Switching discards off is one way for a loop device (the kernel then refuses any
     other value), so the device of a thick volume is removed after detach, and a device
-    found in that state (left by a crash, or by hand) is passed over for a thin volume."""
+    found in that state (left by a crash, or by hand) is passed over for a thin volume.
+    The same for shared mode's attach of an open file, whose lock lives in the device."""
     host = HostOS()
     thick, thin = workdir / "thick.img", workdir / "thin.img"
     with open(thick, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, 16 * MIB)
     with open(thin, "wb") as f:
         f.truncate(16 * MIB)
-    dev = host.attach_loop(thick, readonly=False, discard=False)
-    assert host.discard_disabled(dev.device) and queue(dev.device, "discard_max_bytes") == 0
-    host.detach_loop(dev.device)
-    assert not host.discard_disabled(dev.device), "the thick volume's device was left unable to discard"
+    dev = _attach(host, thick, discard=False, how=how)
+    assert host.discard_disabled(dev) and queue(dev, "discard_max_bytes") == 0
+    if how == "fd":
+        assert imagelock.path_lock_state(thick) == imagelock.EXCLUSIVE  # held by the device alone
+    host.detach_loop(dev)
+    assert imagelock.path_lock_state(thick) == imagelock.FREE
+    assert not host.discard_disabled(dev), "the thick volume's device was left unable to discard"
 
     # A device left in that state by someone else, then a thin attach.
     crippled = subprocess.run(["losetup", "--find", "--show", str(thick)], capture_output=True, text=True,
@@ -284,39 +304,82 @@ def test_a_device_that_cannot_discard_is_never_handed_to_a_thin_volume(workdir: 
     subprocess.run(["losetup", "--detach", crippled], check=True)
     try:
         assert host.discard_disabled(crippled)
-        got = host.attach_loop(thin, readonly=False)
+        got = _attach(host, thin, discard=True, how=how)
         try:
-            assert queue(got.device, "discard_max_bytes") > 0, "a thin volume got a device that cannot discard"
+            assert queue(got, "discard_max_bytes") > 0, "a thin volume got a device that cannot discard"
         finally:
-            host.detach_loop(got.device)
+            host.detach_loop(got)
     finally:
         if host.discard_disabled(crippled):  # not handed out to us: remove it here
             host._remove_device(os.path.basename(crippled))
     assert not host.discard_disabled(crippled)
 
 
-def _attach_detach(kind: str, image: str, rounds: int) -> list[str]:
+def _attach_detach(kind: str, how: str, image: str, rounds: int) -> list[str]:
     host = HostOS()
     errors = []
     for _ in range(rounds):
         try:
-            host.detach_loop(host.attach_loop(Path(image), readonly=False, discard=kind == "thin").device)
+            host.detach_loop(_attach(host, Path(image), discard=kind == "thin", how=how))
         except Exception as exc:  # reported, not raised: the parent counts them
-            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+            errors.append(f"{kind} ({how}): {type(exc).__name__}: {exc}")
     return errors
 
 
 def test_attaches_in_other_processes_survive_thick_devices_being_removed(workdir: Path) -> None:
     """Four processes attach and detach at once, two of them thick images (whose devices
-    are removed after each detach). A device number handed out by LOOP_CTL_GET_FREE can
-    vanish before it is configured (ENXIO); the attach takes another instead of failing."""
+    are removed after each detach), two of them as shared mode does (attach_loop_fd). A
+    device number handed out by LOOP_CTL_GET_FREE can vanish before it is configured
+    (ENXIO); the attach takes another instead of failing."""
     images = []
-    for i, kind in enumerate(("thick", "thin", "thick", "thin")):
+    for i, (kind, how) in enumerate((("thick", "path"), ("thin", "fd"), ("thick", "fd"), ("thin", "path"))):
         image = workdir / f"{kind}-{i}.img"
         with open(image, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, 8 * MIB)
-        images.append((kind, str(image)))
+        images.append((kind, how, str(image)))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(4) as pool:
-        errors = [e for found in pool.starmap(_attach_detach, [(k, i, 80) for k, i in images]) for e in found]
+        errors = [e for found in pool.starmap(_attach_detach, [(k, h, i, 80) for k, h, i in images]) for e in found]
     assert errors == []
+
+
+@pytest.fixture
+def shared_driver(workdir: Path) -> Iterator[Driver]:
+    """A shared-mode driver (controller and node, --datastore ds1) on a local directory made
+    a datastore by hand, as sanity.sh runs one."""
+    data = workdir / "data"
+    data.mkdir()
+    init_marker(data, "ds1", "test")
+    d = Driver(workdir, ["--datastore", "ds1"]).start()
+    try:
+        yield d
+    finally:
+        d.shutdown()
+
+
+@pytest.mark.parametrize("diskformat", THICK)
+def test_thick_volume_stays_thick_in_shared_mode(shared_driver: Driver, diskformat: str) -> None:
+    d, c = shared_driver, shared_driver.client
+    vid = create(c, f"sh-{diskformat}", 64 * MIB, "ext4", diskformat=diskformat).volume_id
+    size = 64 * MIB
+    token = dict(c.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=NODE_ID, volume_capability=cap_for("ext4"))).publish_context)
+    staging, target = d.path(f"plugins/staging/{vid}"), d.path(f"pods/{vid}/mount")
+    c.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=staging, volume_capability=cap_for("ext4"), publish_context=token))
+    c.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=vid, staging_target_path=staging, target_path=target, volume_capability=cap_for("ext4"),
+        publish_context=token))
+    p = Published(vid, "ext4", staging, target)
+    dev = loop_of(p)
+    assert queue(dev, "discard_max_bytes") == 0, "a thick volume's device must refuse discards"
+    assert "discard" not in subprocess.run(["findmnt", "-n", "-o", "OPTIONS", "--mountpoint", staging],
+                                           capture_output=True, text=True, check=True).stdout
+    churn(p)
+    assert allocated(d, vid) >= size
+    down(c, p)
+    assert not HostOS().discard_disabled(dev), "the device was left unable to discard after detach"
+    assert imagelock.path_lock_state(d.data_dir / "volumes" / vid / "disk.img") == imagelock.FREE
+    c.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=NODE_ID))
+    assert allocated(d, vid) >= size
+    delete(c, vid)

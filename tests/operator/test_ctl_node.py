@@ -90,7 +90,8 @@ def test_node_status_shows_states_sizes_and_totals(driver: Driver, run_ctl: Ctl)
         r = run_ctl("-o", "json", "node", "status", "--data-dir", str(driver.data_dir))
         assert r.code == 0, r.err
         doc = r.json()
-        assert set(doc) == {"data_dir", "data_fs_type", "driver", "volumes", "snapshots", "totals"}
+        assert set(doc) == {"data_dir", "data_fs_type", "driver", "datastore", "volumes", "snapshots", "totals"}
+        assert doc["datastore"] is None  # node-local
         assert doc["driver"].startswith(f"pid {driver.proc.pid if driver.proc else 0} host ")
         assert doc["data_fs_type"] not in ("", "unknown")
         vols = {v["id"]: v for v in doc["volumes"]}

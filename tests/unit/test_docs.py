@@ -18,6 +18,7 @@ import pytest
 
 from csi_driver import ctl
 from csi_driver.config import FLAGS, Settings
+from csi_driver.datastore import init_marker
 from csi_driver.metrics import Metrics
 from csi_driver.node import EPHEMERAL_ATTRS
 from csi_driver.oslayer import FILESYSTEMS
@@ -49,8 +50,6 @@ EXTERNAL_FLAGS = {
     "--direct": "fio", "--ioengine": "fio", "--gil": "py-spy",
     # the image build
     "--no-install-recommends": "apt-get", "--no-cache-dir": "pip",
-    # docs/shared-datastore.md describes the shared-mode driver, whose flag lands with it
-    "--datastore": "thinloop-csi (shared mode, not merged yet)",
 }
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
@@ -170,9 +169,16 @@ def test_ephemeral_attributes_are_the_codes(doc: str) -> None:
 
 
 def metric_families(tmp: Path) -> set[str]:
-    settings = Settings(socket_path=tmp / "csi.sock", node_id="n1", data_dir=tmp / "data")
-    registry = Metrics.for_driver(Driver.build(settings, oslayer=FakeOS())).registry
-    return {family.name for family in registry.collect()}
+    """What a node-local driver and a shared-mode one export."""
+    datastore = tmp / "datastore"
+    datastore.mkdir()
+    init_marker(datastore, "ds1", "test")
+    families = set()
+    for settings in (Settings(socket_path=tmp / "csi.sock", node_id="n1", data_dir=tmp / "data"),
+                     Settings(socket_path=tmp / "shared.sock", node_id="n1", data_dir=datastore, datastore="ds1")):
+        registry = Metrics.for_driver(Driver.build(settings, oslayer=FakeOS())).registry
+        families |= {family.name for family in registry.collect()}
+    return families
 
 
 def family_of(name: str) -> str:
@@ -192,7 +198,7 @@ def test_metric_names_both_ways(tmp_path: Path) -> None:
 # -- thinloopctl commands -----------------------------------------------------------------------
 
 VALUE_OPTIONS = {"-o", "--output", "--endpoint", "--timeout", "--data-dir", "--kubelet-dir", "--kubeconfig",
-                 "--driver-name", "--node-id"}
+                 "--driver-name", "--node-id", "--node", "--name"}
 
 
 def documented_commands() -> set[str]:
@@ -209,7 +215,7 @@ def documented_commands() -> set[str]:
                             next(words, None)
                         continue
                     path.append(word)
-                    if word != "node":
+                    if word not in ("node", "datastore"):  # groups of commands
                         break
                 if path:
                     found.add(" ".join(path))

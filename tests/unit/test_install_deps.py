@@ -25,7 +25,7 @@ def test_runtime_tools_are_the_drivers_with_their_packages() -> None:
     assert set(REQUIRED_TOOLS) <= set(runtime)
     for tool in REQUIRED_TOOLS:
         assert runtime[tool] == TOOL_PACKAGES[tool], tool
-    assert set(array("TEST_TOOLS")) >= {"fio", "shellcheck"}
+    assert set(array("TEST_TOOLS")) >= {"fio", "shellcheck", "glusterd", "gluster", "glusterfs"}
 
 
 def test_python_packages_go_into_the_projects_venv_only() -> None:
