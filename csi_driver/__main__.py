@@ -14,14 +14,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"thinloop-csi: {exc}", file=sys.stderr)
         return 2
-    from .preflight import StartupError, check
+    from .serving.preflight import StartupError, check
     try:
         check(settings)  # before anything starts: nothing made, forked or changed yet
     except StartupError as exc:
         print(f"thinloop-csi: {exc}", file=sys.stderr)
         return 1
     setup_logging(settings.log_level, settings.log_format)
-    from .server import serve
+    from .serving.server import serve
     try:
         return serve(settings)
     except StartupError as exc:

@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from .runner import CommandError
+from .host.runner import CommandError
 
 log = logging.getLogger("thinloop.rpc")
 
@@ -60,7 +60,7 @@ class Internal(DriverError):
 
 
 class Remote(DriverError):
-    """A status a handler worker process reported for a call (csi_driver.workers)."""
+    """A status a handler worker process reported for a call (csi_driver.serving.workers)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)

@@ -1,7 +1,7 @@
 """The driver's processes and the memory they hold together, for the benchmark and the soak.
 
 The driver may be several processes (the server, the worker spawner and the workers it
-forks, csi_driver.workers). Forked processes share every page neither has written since,
+forks, csi_driver.serving.workers). Forked processes share every page neither has written since,
 so summing their RSS counts those pages once per process and overstates; summing the
 server's RSS and the others' private pages misses pages that two children share with each
 other but no longer with the server. What the machine holds is the set of physical pages

@@ -46,10 +46,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from csi_driver import benchstats, procmem  # noqa: E402
-from csi_driver.client import CsiClient, capability  # noqa: E402
-from csi_driver.hostos import HostOS, sector_size_for  # noqa: E402
+from csi_driver.host.linux import HostOS, sector_size_for  # noqa: E402
+from csi_driver.host.sweep import loops_under, mounts_under, sweep  # noqa: E402
+from csi_driver.ops.client import CsiClient, capability  # noqa: E402
 from csi_driver.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
-from csi_driver.sweep import loops_under, mounts_under, sweep  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -111,7 +111,7 @@ def umount_retrying(path: Path, tries: int = 5) -> None:
 
 
 def mkfs_argv(fs: str, discard: bool) -> list[str]:
-    """The driver's mkfs options (csi_driver/hostos.py HostOS.mkfs)."""
+    """The driver's mkfs options (csi_driver/host/linux.py HostOS.mkfs)."""
     if fs in ("ext3", "ext4"):
         return [f"mkfs.{fs}", "-q", "-F", "-b", "4096", *([] if discard else ["-E", "nodiscard"])]
     if fs == "xfs":
@@ -1033,7 +1033,7 @@ def mode_shared(args: argparse.Namespace) -> dict[str, Any]:
             d.mkdir(parents=True, exist_ok=True)
         # A directory of the mount, not the mount point: made a datastore by hand, as
         # `thinloopctl datastore init` does (a controller makes one only on a mount point).
-        from csi_driver.datastore import init_marker
+        from csi_driver.volumes.datastore.records import init_marker
         init_marker(data["ctl"], "bench", "bench.py")
         common = ["--datastore", "bench", "--log-level", "warning"]
         drivers = {h: LocalDriver(root / h, [*common, "--mode", "controller" if h == "ctl" else "node"],
@@ -1043,7 +1043,7 @@ def mode_shared(args: argparse.Namespace) -> dict[str, Any]:
             for h, drv in drivers.items():
                 drv.start()
                 clients[h] = CsiClient.connect(drv.endpoint)
-            from csi_driver.dscaps import fs_type_of
+            from csi_driver.volumes.datastore.capabilities import fs_type_of
             out["filesystem"] = fs_type_of(data["a"])
             rig = SharedRig(clients, {h: Layout(drivers[h].kubelet_dir) for h in ("a", "b")}, name, cap)
             rig.ctl.CreateVolume(csi_pb2.CreateVolumeRequest(

@@ -13,4 +13,4 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 ./scripts/install-deps.sh
-exec .venv/bin/python -m csi_driver.demo "$@"
+exec .venv/bin/python -m csi_driver.ops.demo "$@"

@@ -21,7 +21,7 @@ case "${1:-}" in
   *) echo "install-deps.sh: unknown argument '$1' (expected --test or nothing)" >&2; exit 2 ;;
 esac
 
-# command:Debian package, one per line. The driver runs these (csi_driver/hostos.py).
+# command:Debian package, one per line. The driver runs these (csi_driver/host/linux.py).
 RUNTIME_TOOLS=(
   losetup:util-linux
   blkid:util-linux

@@ -54,7 +54,7 @@ driver_pid=$!
 # An attach limit lets the attach-limit spec run (-csi.testnodevolumeattachlimit). The
 # datastore is a plain directory here, not a mount point: made a datastore by hand, once.
 mkdir -p "$shared_data"
-"$PYTHON" -m csi_driver.ctl datastore init --data-dir "$shared_data" --name sanity >/dev/null
+"$PYTHON" -m csi_driver.ops.ctl datastore init --data-dir "$shared_data" --name sanity >/dev/null
 "$PYTHON" -m csi_driver --endpoint "unix://$shared_sock" --data-dir "$shared_data" \
   --kubelet-dir "$work" --node-id sanity-node --datastore sanity --max-volumes-per-node 16 \
   --log-level warning 2>"$work/shared-driver.log" &

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from csi_driver import procmem  # noqa: E402
-from csi_driver.client import CsiClient, capability  # noqa: E402
+from csi_driver.host.sweep import loops_under, mounts_under, sweep  # noqa: E402
+from csi_driver.ops.client import CsiClient, capability  # noqa: E402
 from csi_driver.proto import csi_pb2  # noqa: E402
-from csi_driver.sweep import loops_under, mounts_under, sweep  # noqa: E402
 
 MIB = 1 << 20
 WARMUP = 5

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.client import CsiClient, wait_for_socket
+from csi_driver.ops.client import CsiClient, wait_for_socket
 from tests import kernel
 
 HAVE_KERNEL = (os.geteuid() == 0 and os.path.exists("/dev/loop-control")

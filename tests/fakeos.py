@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from csi_driver.oslayer import LoopDevice, MountEntry, file_id
+from csi_driver.host.oslayer import LoopDevice, MountEntry, file_id
 
 MARKER = b"FAKEFS:"
 

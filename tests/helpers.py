@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from csi_driver.client import CsiClient, capability
+from csi_driver.ops.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
 
 MIB = 1 << 20

@@ -204,7 +204,7 @@ def test_group_snapshot_labeller(base: list[Obj], chart: list[Obj]) -> None:
     """The sidecar runs thinloopctl's labeller, with arguments thinloopctl accepts, for
     the driver's name, on this node (NODE_NAME from the downward API, as csi-snapshotter
     gets it), over the driver's data dir mounted read-only, and nothing else."""
-    from csi_driver import ctl
+    from csi_driver.ops import ctl
     for _, objs in all_renderings(base, chart):
         ds = find(objs, "DaemonSet", "thinloop-node")
         pod = ds["spec"]["template"]["spec"]

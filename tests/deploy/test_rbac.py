@@ -10,7 +10,7 @@ external-snapshotter v8.6.0), adjusted to how thinloop runs them:
 - csi-snapshotter runs with --feature-gates=CSIVolumeGroupSnapshot=true, so it
   has the groupsnapshot.storage.k8s.io rules of that RBAC.
 group-snapshot-labeller (thinloopctl node label-group-snapshots --watch,
-csi_driver/grouplabels.py) lists, watches and patches VolumeGroupSnapshotContents;
+csi_driver/ops/grouplabels.py) lists, watches and patches VolumeGroupSnapshotContents;
 those verbs are also csi-snapshotter's on the same ServiceAccount, so its own
 ClusterRole is checked by name as well.
 node-driver-registrar and livenessprobe use no API at all.

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from csi_driver.proto import csi_pb2
-from csi_driver.store import Meta
+from csi_driver.volumes.store import Meta
 from tests.conftest import NODE_ID, Driver
 from tests.helpers import MIB, cap_for, create, delete, down, read_sum, up, write_data
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.root
 
 def test_demo_runs_and_cleans_up(workdir: Path) -> None:
     root = workdir / "demo"
-    run = subprocess.run([sys.executable, "-m", "csi_driver.demo", "--data-dir", str(root)],
+    run = subprocess.run([sys.executable, "-m", "csi_driver.ops.demo", "--data-dir", str(root)],
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
@@ -40,7 +40,7 @@ def test_demo_cleans_up_when_its_reader_goes_away(workdir: Path) -> None:
     """`scripts/demo.sh | head`: the demo's output closes under it; it must still stop its
     driver and leave no loop device, mount or file."""
     root = workdir / "demo"
-    proc = subprocess.Popen([sys.executable, "-m", "csi_driver.demo", "--data-dir", str(root)],
+    proc = subprocess.Popen([sys.executable, "-m", "csi_driver.ops.demo", "--data-dir", str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     for line in proc.stdout:

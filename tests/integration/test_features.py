@@ -11,8 +11,8 @@ import time
 import grpc
 import pytest
 
-from csi_driver import caps
-from csi_driver.client import CsiClient, capability
+from csi_driver.host import caps
+from csi_driver.ops.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
 from tests.conftest import Driver
 from tests.helpers import GIB, MIB, SIZES, cap_for, code_of, create, delete, down, read_sum, tree, up, write_data
@@ -480,7 +480,7 @@ def test_checksums_of_a_larger_payload_survive_snapshot(driver: Driver) -> None:
 
 
 def test_thinloopctl_modify_and_create_with_mutable_parameters(driver: Driver) -> None:
-    from csi_driver import ctl
+    from csi_driver.ops import ctl
     c = driver.client
     req = csi_pb2.CreateVolumeRequest(name="vac", volume_capabilities=[cap_for("ext4")],
                                       mutable_parameters={"reclaim": "none"},

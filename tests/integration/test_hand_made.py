@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import ctl
+from csi_driver.ops import ctl
 from csi_driver.proto import csi_pb2
-from csi_driver.store import Meta
+from csi_driver.volumes.store import Meta
 from tests.conftest import Driver
 from tests.helpers import MIB, cap_for, delete, down, read_sum, up, write_data
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.client import capability
+from csi_driver.ops.client import capability
 from csi_driver.proto import csi_pb2
 from tests import kernel
 from tests.conftest import Driver

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csi_driver.hostos import HostOS
+from csi_driver.host.linux import HostOS
 from csi_driver.proto import csi_pb2
 from tests import kernel
 from tests.conftest import Driver

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import linuxapi
-from csi_driver.hostos import HostOS
-from csi_driver.runner import CommandResult, Runner
+from csi_driver.host import syscalls
+from csi_driver.host.linux import HostOS
+from csi_driver.host.runner import CommandResult, Runner
 
 pytestmark = pytest.mark.root
 
@@ -54,8 +54,8 @@ def test_attach_detach_by_ioctl(host: HostOS, image: Path) -> None:
         assert dev.backs(str(image), (os.major(image.stat().st_dev), os.minor(image.stat().st_dev),
                                       image.stat().st_ino))
         assert host.attach_loop(image, readonly=False) == dev  # idempotent
-        with pytest.raises(linuxapi.SyscallError) as exc:  # a bound device refuses a second file
-            linuxapi.loop_configure(dev.device, str(image), readonly=False, direct_io=False, block_size=0)
+        with pytest.raises(syscalls.SyscallError) as exc:  # a bound device refuses a second file
+            syscalls.loop_configure(dev.device, str(image), readonly=False, direct_io=False, block_size=0)
         assert exc.value.errno == errno.EBUSY
         assert host.runner.argvs == []  # type: ignore[attr-defined]
     finally:
@@ -90,7 +90,7 @@ def test_read_only_attach(host: HostOS, image: Path, workdir: Path) -> None:
     mnt.mkdir()
     try:
         assert dev.readonly and host.attached_read_only(dev.device)
-        with pytest.raises(linuxapi.SyscallError):  # a read-only device is not mounted writable
+        with pytest.raises(syscalls.SyscallError):  # a read-only device is not mounted writable
             host.mount(dev.device, str(mnt), "ext4", [])
         host.mount(dev.device, str(mnt), "ext4", ["ro"])
         assert "ro" in options_at(mnt)
@@ -114,7 +114,7 @@ def test_mount_flags_and_read_only_bind(host: HostOS, image: Path, workdir: Path
         assert exc.value.errno == errno.EROFS
         (staging / "f").write_text("x")  # the staging mount stays writable
         host.unmount(str(target))
-        with pytest.raises(linuxapi.SyscallError) as err:
+        with pytest.raises(syscalls.SyscallError) as err:
             host.unmount(str(target))
         assert err.value.errno == errno.EINVAL  # not a mount point any more
         host.unmount(str(staging))
@@ -140,9 +140,9 @@ def test_options_for_mount8_go_to_mount8(host: HostOS, image: Path, workdir: Pat
 def test_losetup_when_the_kernel_refuses_loop_configure(host: HostOS, image: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(device: str, image: str, **_: object) -> None:
-        raise linuxapi.SyscallError("ioctl(LOOP_CONFIGURE)", [device, image], errno.ENOTTY)
+        raise syscalls.SyscallError("ioctl(LOOP_CONFIGURE)", [device, image], errno.ENOTTY)
 
-    monkeypatch.setattr(linuxapi, "loop_configure", refuse)
+    monkeypatch.setattr(syscalls, "loop_configure", refuse)
     dev = host.attach_loop(image, readonly=False)
     try:
         assert dev.direct_io and dev.backing_file == str(image)

@@ -18,11 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import ctl, imagelock
-from csi_driver.datastore import init_marker
-from csi_driver.hostos import HostOS
+from csi_driver.host.linux import HostOS
+from csi_driver.ops import ctl
 from csi_driver.proto import csi_pb2
-from csi_driver.store import Meta
+from csi_driver.volumes.datastore import imagelock
+from csi_driver.volumes.datastore.records import init_marker
+from csi_driver.volumes.store import Meta
 from tests.conftest import NODE_ID, Driver
 from tests.helpers import (
     MIB,
@@ -267,7 +268,7 @@ def test_an_old_thick_volume_with_discard_in_its_metadata_is_mounted_without_it(
 def _attach(host: HostOS, image: Path, *, discard: bool, how: str) -> str:
     """Attach as node-local mode does ("path": attach_loop), or as a shared-mode stage does
     ("fd": lock the image through one open of it and hand that open file to the loop
-    device, csi_driver.imagelock and HostOS.attach_loop_fd, never losetup)."""
+    device, csi_driver.volumes.datastore.imagelock and HostOS.attach_loop_fd, never losetup)."""
     if how == "path":
         return host.attach_loop(image, readonly=False, discard=discard).device
     fd = imagelock.open_locked(image, readonly=False, direct=False)

@@ -1,4 +1,4 @@
-"""The Controller and Node calls run in worker processes (csi_driver.workers): started on
+"""The Controller and Node calls run in worker processes (csi_driver.serving.workers): started on
 demand by a spawner process, they share the work, report errors with their codes, refuse a
 second call on a volume another worker has in flight, go away when idle, and live and die
 with the server process."""

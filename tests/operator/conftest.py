@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from csi_driver import ctl
+from csi_driver.ops import ctl
 from tests.conftest import Driver
 
 

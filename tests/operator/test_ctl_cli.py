@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from csi_driver import ctl
+from csi_driver.ops import ctl
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from tests.operator.conftest import Ctl
 
@@ -187,7 +187,7 @@ def test_a_call_past_its_deadline_says_the_driver_may_still_finish_it(fake: Fake
 
 
 def test_ctrl_c_is_one_line_that_says_how_to_check(fake: Fake) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "csi_driver.ctl", "--endpoint", fake.endpoint,
+    proc = subprocess.Popen([sys.executable, "-m", "csi_driver.ops.ctl", "--endpoint", fake.endpoint,
                              "create", "v9"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert fake.controller.entered.wait(60), "the call never reached the server"
@@ -232,12 +232,12 @@ def _walk(subs: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _help(command: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "csi_driver.ctl", *command.split(), "--help"], check=True,
+    res = subprocess.run([sys.executable, "-m", "csi_driver.ops.ctl", *command.split(), "--help"], check=True,
                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
     return res.stdout
 
 
 def test_version() -> None:
-    res = subprocess.run([sys.executable, "-m", "csi_driver.ctl", "--version"], check=True, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "csi_driver.ops.ctl", "--version"], check=True, capture_output=True,
                          text=True)
     assert res.stdout.strip() == "thinloopctl 0.1.0"

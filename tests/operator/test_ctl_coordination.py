@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import ctl, orphans
-from csi_driver.inflight import InFlight
+from csi_driver.ops import ctl, orphans
 from csi_driver.proto import csi_pb2
-from csi_driver.store import Meta, Store
+from csi_driver.volumes.inflight import InFlight
+from csi_driver.volumes.store import Meta, Store
 from tests.conftest import Driver
 from tests.helpers import MIB, create, delete, down, up, write_data
 from tests.operator.conftest import Ctl

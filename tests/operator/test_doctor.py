@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.hostos import REQUIRED_TOOLS
+from csi_driver.host.linux import REQUIRED_TOOLS
 from tests import kernel
 from tests.operator.conftest import Ctl
 

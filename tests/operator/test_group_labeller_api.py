@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from csi_driver.grouplabels import GROUP, MANAGED_BY, PLURAL, VERSION
+from csi_driver.ops.grouplabels import GROUP, MANAGED_BY, PLURAL, VERSION
 from tests.operator.conftest import Ctl
 from tests.unit.test_group_labels import DRIVER, content, make_node
 
@@ -247,7 +247,7 @@ def run_the_sidecar(api: FakeApi, kubeconfig: Path, data: Path, log: Path) -> No
     env["NODE_NAME"] = "node-a"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "csi_driver.ctl", "node", "label-group-snapshots", "--watch",
+            [sys.executable, "-m", "csi_driver.ops.ctl", "node", "label-group-snapshots", "--watch",
              "--data-dir", str(data), "--driver-name", DRIVER, "--kubeconfig", str(kubeconfig)],
             stdout=subprocess.PIPE, stderr=err, env=env)
     try:

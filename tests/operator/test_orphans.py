@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import ctl, orphans
-from csi_driver.store import Meta, Store
+from csi_driver.ops import ctl, orphans
+from csi_driver.volumes.store import Meta, Store
 from tests import kernel
 from tests.conftest import Driver
 from tests.fakeos import FakeOS
@@ -230,7 +230,7 @@ def test_a_group_member_is_never_removed_alone(tmp_path: Path) -> None:
     """An unreferenced member of a committed volume group snapshot is reported, not
     deletable, with the command that deletes its group; one whose group record is gone
     stands alone and is deletable."""
-    from csi_driver.grouprecords import GROUPS_DIR
+    from csi_driver.volumes.grouprecords import GROUPS_DIR
     store = Store(tmp_path / "data")
     fake = FakeOS()
     for sid in ("g-a", "lone-a"):
@@ -248,7 +248,7 @@ def test_a_group_member_is_never_removed_alone(tmp_path: Path) -> None:
 
 
 def test_loop_orphans_by_identity_and_never_another_data_dirs(tmp_path: Path) -> None:
-    from csi_driver.oslayer import LoopDevice, file_id
+    from csi_driver.host.oslayer import LoopDevice, file_id
     store = Store(tmp_path / "data")
     store.volumes.create("v", Meta(name="v"), lambda image: image.write_bytes(b"x"))
     entry = store.volumes.get("v")

@@ -14,8 +14,8 @@ from typing import TypeVar
 import grpc
 import pytest
 
-from csi_driver.client import CsiClient
-from csi_driver.hostos import HostOS, parse_mountinfo
+from csi_driver.host.linux import HostOS, parse_mountinfo
+from csi_driver.ops.client import CsiClient
 from csi_driver.proto import csi_pb2
 from tests import kernel
 from tests.conftest import Driver

@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csi_driver.client import CsiClient, capability
+from csi_driver.csi.validation import _QUANTITY_RE as QUANTITY_RE
+from csi_driver.ops.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
-from csi_driver.store import ID_RE
-from csi_driver.validation import _QUANTITY_RE as QUANTITY_RE
+from csi_driver.volumes.store import ID_RE
 from tests import kernel
 from tests.conftest import Driver
 from tests.helpers import MIB, Published, create, up, write_data

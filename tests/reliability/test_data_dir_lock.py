@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.datalock import LOCK_FILE, DataDirLock, DataDirLocked
 from csi_driver.proto import csi_pb2
+from csi_driver.volumes.datalock import LOCK_FILE, DataDirLock, DataDirLocked
 from tests.conftest import NODE_ID, Driver
 from tests.helpers import MIB, create, delete
 from tests.reliability.support import listed_volumes, start_ready

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.client import CsiClient
+from csi_driver.ops.client import CsiClient
 from csi_driver.proto import csi_pb2
 from tests.conftest import Driver
 from tests.helpers import MIB, Published, cap_for, code_of, create, delete, down, read_sum, tree, up, write_data

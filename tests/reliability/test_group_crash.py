@@ -9,7 +9,7 @@ import os
 import grpc
 import pytest
 
-from csi_driver.client import CsiClient
+from csi_driver.ops.client import CsiClient
 from csi_driver.proto import csi_pb2
 from tests.conftest import Driver
 from tests.helpers import MIB, Published, cap_for, create, delete, down, read_sum, up, write_data

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.datastore import init_marker, read_marker
-from csi_driver.hostos import HostOS
+from csi_driver.host.linux import HostOS
+from csi_driver.volumes.datastore.records import init_marker, read_marker
 from tests import kernel
 from tests.conftest import HAVE_KERNEL, Driver
 from tests.gluster import GlusterBed, GlusterError

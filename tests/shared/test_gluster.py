@@ -22,11 +22,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver import dscaps, imagelock
-from csi_driver.client import CsiClient, capability
 from csi_driver.config import DATASTORE_TOPOLOGY_KEY
-from csi_driver.datastore import GENERATION_KEY, Heartbeat, NodeRecord, NodeRegistry
+from csi_driver.ops.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
+from csi_driver.volumes.datastore import capabilities, imagelock
+from csi_driver.volumes.datastore.records import GENERATION_KEY, Heartbeat, NodeRecord, NodeRegistry
 from tests.helpers import MIB, Published, code_of, read_sum, write_data
 from tests.operator.conftest import Ctl, wait_for_metrics_port
 from tests.shared.conftest import DATASTORE, Cluster
@@ -152,7 +152,7 @@ def test_probe_of_this_glusterfs(cluster: Cluster) -> None:
     peer = Heartbeat(NodeRegistry(a), NodeRecord("peer", DATASTORE, interval=5))
     peer.register()
     try:
-        caps = dscaps.probe(b, NodeRegistry(b), "me")
+        caps = capabilities.probe(b, NodeRegistry(b), "me")
     finally:
         peer.stop()
     assert caps.fs_type == "fuse.glusterfs"

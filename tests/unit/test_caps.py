@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import caps
+from csi_driver.host import caps
 
 ALL = (1 << 41) - 1
 NO_RESOURCE = ALL & ~(1 << caps.CAP_SYS_RESOURCE)

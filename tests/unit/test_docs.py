@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import ctl
 from csi_driver.config import FLAGS, Settings
-from csi_driver.datastore import init_marker
-from csi_driver.metrics import Metrics
-from csi_driver.node import EPHEMERAL_ATTRS
-from csi_driver.oslayer import FILESYSTEMS
-from csi_driver.server import Driver
-from csi_driver.validation import DISKFORMATS, K8S_PREFIX, RECLAIM_MODES, STORAGECLASS_PARAMETERS, resolve_params
+from csi_driver.csi.node import EPHEMERAL_ATTRS
+from csi_driver.csi.validation import DISKFORMATS, K8S_PREFIX, RECLAIM_MODES, STORAGECLASS_PARAMETERS, resolve_params
+from csi_driver.host.oslayer import FILESYSTEMS
+from csi_driver.ops import ctl
+from csi_driver.serving.metrics import Metrics
+from csi_driver.serving.server import Driver
+from csi_driver.volumes.datastore.records import init_marker
 from tests.fakeos import FakeOS
 from tests.helpers import cap_for
 
@@ -76,7 +76,7 @@ def subcommands(p: argparse.ArgumentParser, prefix: str = "") -> Iterator[str]:
 CTL = ctl.build_parser()
 DRIVER_FLAGS = {f.name for f in FLAGS}
 CTL_FLAGS = set(parser_options(CTL)) - {"--help"}
-SCRIPT_FLAGS = {m for path in [*(ROOT / "scripts").glob("*.py"), ROOT / "csi_driver" / "demo.py"]
+SCRIPT_FLAGS = {m for path in [*(ROOT / "scripts").glob("*.py"), ROOT / "csi_driver" / "ops" / "demo.py"]
                 for m in re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", path.read_text())}
 SCRIPT_FLAGS |= set(re.findall(r"^  (--[a-z-]+)\)", (ROOT / "scripts" / "install-deps.sh").read_text(), re.M))
 SCRIPT_FLAGS |= set(re.findall(r'"\$\{1:-\}" == "(--[a-z-]+)"', (ROOT / "scripts" / "e2e.sh").read_text()))

@@ -1,4 +1,4 @@
-"""The VolumeGroupSnapshotContent labeller (csi_driver.grouplabels) against a fake of its
+"""The VolumeGroupSnapshotContent labeller (csi_driver.ops.grouplabels) against a fake of its
 own API wrapper, over data dirs the driver itself filled (the fake OS layer's driver):
 which contents a node labels, split groups, conflicts with another node, watch expiry,
 backoff, signals, and that the data dir is only read."""
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from csi_driver import ctl
 from csi_driver.errors import FailedPrecondition
-from csi_driver.grouplabels import (
+from csi_driver.ops import ctl
+from csi_driver.ops.grouplabels import (
     MANAGED_BY,
     ApiError,
     Labeller,
@@ -428,11 +428,12 @@ def test_ctl_watch_ends_cleanly_on_sigterm(node_a: GroupRig) -> None:
 def test_it_imports_nothing_of_the_csi_faces_or_the_server() -> None:
     """The labeller sits beside the driver, over the store's layout only."""
     import subprocess
-    code = ("import sys, csi_driver.grouplabels; "
+    code = ("import sys, csi_driver.ops.grouplabels; "
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('csi_driver.'))))")
     loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                 text=True).stdout.split())
-    faces = {"identity", "controller", "node", "groupcontroller", "snapmeta", "validation", "server", "workers",
-             "metrics", "groupsnapshots", "snapshots", "volumes", "hostos", "linuxapi", "proto"}
-    assert not {m.split(".")[1] for m in loaded} & faces, loaded
-    assert "csi_driver.store" in loaded and "csi_driver.grouprecords" in loaded
+    beyond = ("csi_driver.csi", "csi_driver.serving", "csi_driver.volumes.lifecycle", "csi_driver.volumes.snapshots",
+              "csi_driver.volumes.groupsnapshots", "csi_driver.host.linux", "csi_driver.host.syscalls",
+              "csi_driver.proto")
+    assert not {m for m in loaded if m.startswith(beyond)}, loaded
+    assert "csi_driver.volumes.store" in loaded and "csi_driver.volumes.grouprecords" in loaded

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver import failpoints
+from csi_driver.csi.groupcontroller import GroupControllerService
 from csi_driver.errors import (
     Aborted,
     AlreadyExists,
@@ -19,10 +20,9 @@ from csi_driver.errors import (
     ResourceExhausted,
     Unimplemented,
 )
-from csi_driver.groupcontroller import GroupControllerService
-from csi_driver.groupsnapshots import MAX_ID, member_id
 from csi_driver.proto import csi_pb2
-from csi_driver.server import Driver
+from csi_driver.serving.server import Driver
+from csi_driver.volumes.groupsnapshots import MAX_ID, member_id
 from tests.helpers import MIB, cap_for, tree
 from tests.unit.test_services import CTX, Rig
 
@@ -86,7 +86,7 @@ def test_capabilities(g: GroupRig) -> None:
 def test_controller_mode_neither_advertises_nor_serves_groups(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from csi_driver.identity import IdentityService
+    from csi_driver.csi.identity import IdentityService
     settings = replace(Rig(tmp_path).settings, mode="controller")
     d = Driver.build(settings)
     assert d.groups is None and "GroupController" not in d.services()

@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON_ENTRIES = {  # argv after the interpreter -> the file whose docstring is the description
-    ("-m", "csi_driver.demo"): ROOT / "csi_driver" / "demo.py",
-    ("-m", "csi_driver.ctl"): ROOT / "csi_driver" / "ctl.py",
+    ("-m", "csi_driver.ops.demo"): ROOT / "csi_driver" / "ops" / "demo.py",
+    ("-m", "csi_driver.ops.ctl"): ROOT / "csi_driver" / "ops" / "ctl.py",
     (str(ROOT / "scripts" / "soak.py"),): ROOT / "scripts" / "soak.py",
     (str(ROOT / "scripts" / "bench.py"),): ROOT / "scripts" / "bench.py",
 }

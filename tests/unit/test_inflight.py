@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from csi_driver.errors import Aborted
-from csi_driver.inflight import LOCK_FILE, InFlight
+from csi_driver.volumes.inflight import LOCK_FILE, InFlight
 
 
 def test_a_held_key_is_refused_in_the_same_process(tmp_path: Path) -> None:

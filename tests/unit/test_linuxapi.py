@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from csi_driver import linuxapi as lx
-from csi_driver.runner import CommandError
+from csi_driver.host import syscalls as lx
+from csi_driver.host.runner import CommandError
 
 
 @pytest.mark.parametrize(("options", "flags", "data"), [

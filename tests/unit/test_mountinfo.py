@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from csi_driver import hostos
-from csi_driver.hostos import parse_mountinfo
-from csi_driver.oslayer import MountEntry
+from csi_driver.host import linux
+from csi_driver.host.linux import parse_mountinfo
+from csi_driver.host.oslayer import MountEntry
 
 TABLE = (
     "22 27 0:21 / /proc rw,relatime shared:12 - proc proc rw\n"
@@ -26,9 +26,9 @@ def test_fields_and_escapes() -> None:
 
 
 def test_a_second_read_gives_the_same_entries_from_the_cache() -> None:
-    hostos._PARSED_LINES.clear()
+    linux._PARSED_LINES.clear()
     first = parse_mountinfo(TABLE)
-    assert len(hostos._PARSED_LINES) == 5  # the line that is not an entry is remembered too
+    assert len(linux._PARSED_LINES) == 5  # the line that is not an entry is remembered too
     changed = TABLE.replace("97 27 7:3", "101 27 7:3")
     second = parse_mountinfo(changed)
     assert second == first  # same mounts; only the (unused) mount id changed
@@ -36,8 +36,8 @@ def test_a_second_read_gives_the_same_entries_from_the_cache() -> None:
 
 
 def test_the_cache_stays_bounded() -> None:
-    hostos._PARSED_LINES.clear()
+    linux._PARSED_LINES.clear()
     for i in range(3000):
         parse_mountinfo(f"{i} 27 7:1 / /mnt/m{i} rw - ext4 /dev/loop1 rw\n")
-    assert len(hostos._PARSED_LINES) <= 2 * 1 + 1024 + 1
+    assert len(linux._PARSED_LINES) <= 2 * 1 + 1024 + 1
     assert parse_mountinfo("5 27 7:1 / /mnt/x rw - ext4 /dev/loop1 rw\n")[0].mount_point == "/mnt/x"

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from csi_driver.config import TOPOLOGY_KEY, Settings
-from csi_driver.controller import ControllerService
+from csi_driver.csi.controller import ControllerService
+from csi_driver.csi.identity import IdentityService
+from csi_driver.csi.node import NodeService
 from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from csi_driver.identity import IdentityService
-from csi_driver.node import NodeService
 from csi_driver.proto import csi_pb2
-from csi_driver.server import Driver
-from csi_driver.store import Store
+from csi_driver.serving.server import Driver
+from csi_driver.volumes.store import Store
 from tests.fakeos import FakeOS
 from tests.helpers import GIB, MIB, cap_for
 
@@ -255,7 +255,7 @@ def test_a_vanished_filesystem_is_never_reformatted(rig: Rig) -> None:
 
 
 def test_names_volume_matches_only_that_volume() -> None:
-    from csi_driver.volumes import names_volume
+    from csi_driver.volumes.lifecycle import names_volume
     assert names_volume("/var/lib/thinloop/volumes/v1/disk.img", "v1")
     assert names_volume("/volumes/v1/disk.img (deleted)", "v1")  # seen from a namespace that is gone
     assert names_volume("/d/volumes/.trash-v1.0a1b2c3d/disk.img (deleted)", "v1")

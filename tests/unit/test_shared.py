@@ -15,10 +15,23 @@ from typing import Any
 
 import pytest
 
-from csi_driver import dscaps, imagelock
 from csi_driver.config import DATASTORE_TOPOLOGY_KEY, SHARED_DRIVER_NAME, Settings, SettingsError, parse_settings
-from csi_driver.controller import ControllerService
-from csi_driver.datastore import (
+from csi_driver.csi.controller import ControllerService
+from csi_driver.csi.identity import IdentityService
+from csi_driver.csi.node import NodeService
+from csi_driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+)
+from csi_driver.proto import csi_pb2
+from csi_driver.serving.server import Driver
+from csi_driver.volumes.datastore import capabilities, imagelock
+from csi_driver.volumes.datastore.fencing import NodeFences
+from csi_driver.volumes.datastore.records import (
     ATTACHMENT_KEY,
     GENERATION_KEY,
     Attachments,
@@ -29,19 +42,6 @@ from csi_driver.datastore import (
     check_marker,
     init_marker,
 )
-from csi_driver.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unimplemented,
-)
-from csi_driver.fencing import NodeFences
-from csi_driver.identity import IdentityService
-from csi_driver.node import NodeService
-from csi_driver.proto import csi_pb2
-from csi_driver.server import Driver
 from tests.fakeos import FakeOS
 from tests.helpers import MIB, cap_for
 
@@ -220,7 +220,7 @@ def test_a_shared_data_dir_that_does_not_exist_is_never_made(tmp_path: Path) -> 
 
 
 def test_datastore_init_command(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from csi_driver import ctl
+    from csi_driver.ops import ctl
     data.mkdir()
     assert ctl.main(["datastore", "init", "--data-dir", str(data), "--name", "ds1"]) == 0
     assert "made" in capsys.readouterr().out
@@ -439,7 +439,7 @@ def test_group_snapshot_follows_the_single_snapshot_rule(tmp_path: Path, rigs: d
     is frozen for the copies; one attached nowhere is copied under a shared image lock;
     one that another node has attached read-write is refused with FAILED_PRECONDITION
     naming it and that node, leaving no snapshot, group or lock behind."""
-    from csi_driver.groupcontroller import GroupControllerService
+    from csi_driver.csi.groupcontroller import GroupControllerService
     c = SharedRig(tmp_path, data, "c", mode="all")
     try:
         assert c.driver.groups is not None
@@ -564,7 +564,7 @@ def test_recovery_keeps_a_held_lock_and_fences_a_volume_someone_else_holds(rigs:
     lost_index = next(i for i, f in a.os.loops.items() if "/lost/" in f)
     os.close(a.os.kept.pop(lost_index))
     # "stolen": another node's holder record names it too
-    from csi_driver.datastore import Holder
+    from csi_driver.volumes.datastore.records import Holder
     a.driver.datastore.holders.put(Holder("stolen", "b", False, 9, 0.0, "/dev/loop9"))  # type: ignore[union-attr]
     # "revoked": unpublished from a while a was down
     ctl.unpublish("revoked", "a")
@@ -648,8 +648,8 @@ def test_a_second_controller_leaves_the_first_ones_work_alone(tmp_path: Path, da
 # -- capability probes ---------------------------------------------------------------------------------
 
 def test_probe_finds_what_a_local_filesystem_does(tmp_path: Path) -> None:
-    caps = dscaps.probe(tmp_path)
-    assert caps.locks == 1 and caps.sparse == 1 and caps.locks_across == dscaps.UNKNOWN
+    caps = capabilities.probe(tmp_path)
+    assert caps.locks == 1 and caps.sparse == 1 and caps.locks_across == capabilities.UNKNOWN
     assert caps.fs_type != "unknown"
     assert [p.name for p in tmp_path.iterdir()] == []  # the scratch file is gone
 
@@ -659,10 +659,10 @@ def test_locks_across_clients_judged_on_live_peers(tmp_path: Path) -> None:
     live = Heartbeat(reg, NodeRecord("peer", "ds1", interval=5))
     live.register()
     try:
-        assert dscaps.locks_across(reg, "me") == 1
+        assert capabilities.locks_across(reg, "me") == 1
     finally:
         live.stop()
-    assert dscaps.locks_across(reg, "me") == dscaps.UNKNOWN  # stopped: nobody to judge by
+    assert capabilities.locks_across(reg, "me") == capabilities.UNKNOWN  # stopped: nobody to judge by
 
     # A peer that keeps beating while its lock is never seen: locks do not cross clients.
     ghost = NodeRecord("ghost", "ds1", interval=0.05, heartbeat=0)
@@ -675,13 +675,13 @@ def test_locks_across_clients_judged_on_live_peers(tmp_path: Path) -> None:
         ghost.heartbeat = _time.time()
         reg.write(ghost)
 
-    assert dscaps.locks_across(reg, "me", wait=beat_on) == 0
+    assert capabilities.locks_across(reg, "me", wait=beat_on) == 0
     with pytest.raises(DatastoreError, match="not visible from this host"):
-        dscaps.probe(tmp_path, reg, "me", wait=beat_on)
+        capabilities.probe(tmp_path, reg, "me", wait=beat_on)
     # A peer that stops beating had just died: nothing is concluded.
     ghost.heartbeat = _time.time()
     reg.write(ghost)
-    assert dscaps.locks_across(reg, "me", wait=lambda _s: None) == dscaps.UNKNOWN
+    assert capabilities.locks_across(reg, "me", wait=lambda _s: None) == capabilities.UNKNOWN
 
 
 def test_no_discard_when_the_datastore_cannot_punch_holes(rigs: dict[str, SharedRig]) -> None:
@@ -721,7 +721,7 @@ def test_a_node_without_its_datastore_exits_with_one_line(tmp_path: Path) -> Non
 
 def test_node_orphans_refuses_a_shared_datastore(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every image of a datastore would look like an orphan from one node: never judge them."""
-    from csi_driver import ctl
+    from csi_driver.ops import ctl
     datastore_at(data)
     (data / "volumes" / "v1").mkdir(parents=True)
     (data / "volumes" / "v1" / "disk.img").write_bytes(b"")
@@ -737,7 +737,7 @@ def test_node_status_and_trim_on_a_datastore(rigs: dict[str, SharedRig], data: P
     volume staged on this host trims nothing, and a name the datastore lacks is exit 4."""
     import json
 
-    from csi_driver import ctl
+    from csi_driver.ops import ctl
     rigs["ctl"].create("v1")
     assert ctl.main(["-o", "json", "node", "status", "--data-dir", str(data), "--node-id", "a"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -754,7 +754,7 @@ def test_node_status_and_trim_on_a_datastore(rigs: dict[str, SharedRig], data: P
 
 def test_names_may_hold_a_plus() -> None:
     """csi-sanity's attach-limit spec names a volume 'sanity-max-attach-limit-vol+1-<tag>'."""
-    from csi_driver.store import check_id
+    from csi_driver.volumes.store import check_id
     assert check_id("sanity-max-attach-limit-vol+1-DBABD3B0", "name")
     for bad in ("+lead", "a/+", "a+\n"):
         with pytest.raises(InvalidArgument):
@@ -764,7 +764,7 @@ def test_names_may_hold_a_plus() -> None:
 def test_stage_rereads_a_record_older_than_its_token(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node whose client still shows an older attachment record (seen on GlusterFS with
     its default caching) reads again rather than calling a current token stale."""
-    from csi_driver import datastore
+    from csi_driver.volumes.datastore import records
     data.mkdir()
     NodeRegistry(data).write(NodeRecord("a", "ds1"))
     att = Attachments(data, NodeRegistry(data))
@@ -778,7 +778,7 @@ def test_stage_rereads_a_record_older_than_its_token(data: Path, monkeypatch: py
     threading.Timer(0.3, lambda: att.path("v1").write_text(new)).start()
     assert att.check_stage("v1", "a", token).generation == current.nodes["a"].generation
     att.path("v1").write_text(old)
-    monkeypatch.setattr(datastore, "STALE_READ_SECONDS", 0.3)
+    monkeypatch.setattr(records, "STALE_READ_SECONDS", 0.3)
     with pytest.raises(FailedPrecondition, match="serves stale files"):
         att.check_stage("v1", "a", token)
     att.path("v1").write_text(new)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csi_driver.snapmeta import COMPARE_BLOCK, changed_ranges, data_ranges
+from csi_driver.csi.snapmeta import COMPARE_BLOCK, changed_ranges, data_ranges
 
 MIB = 1 << 20
 

@@ -26,7 +26,7 @@ def test_no_shell_no_os_system() -> None:
 def test_subprocess_only_in_runner() -> None:
     users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csi_driver").rglob("*.py")
                    if "import subprocess" in p.read_text())
-    assert users == ["csi_driver/demo.py", "csi_driver/runner.py"], users
+    assert users == ["csi_driver/host/runner.py", "csi_driver/ops/demo.py"], users
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:

@@ -4,10 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.errors import InvalidArgument, OutOfRange
-from csi_driver.proto import csi_pb2
-from csi_driver.store import check_id
-from csi_driver.validation import (
+from csi_driver.csi.validation import (
     DEFAULT_SIZE,
     GIB,
     MIB,
@@ -17,6 +14,9 @@ from csi_driver.validation import (
     resolve_params,
     size_from_range,
 )
+from csi_driver.errors import InvalidArgument, OutOfRange
+from csi_driver.proto import csi_pb2
+from csi_driver.volumes.store import check_id
 from tests.helpers import cap_for
 
 

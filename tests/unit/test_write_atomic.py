@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import store
+from csi_driver.volumes import store
 
 
 def test_replaces_the_file(tmp_path: Path) -> None:
