@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from .. import baton, failpoints
+from .. import failpoints
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from ..host import caps
@@ -144,8 +144,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             os.unlink(raw)
         elif os.path.isdir(target):
             try:
-                with baton.blocking():
-                    os.rmdir(target)
+                os.rmdir(target)
             except OSError as exc:
                 log.warning("left %s in place: %s (not something this driver made)", target, exc.strerror)
         elif os.path.isfile(target):
@@ -399,8 +398,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if os.path.exists(target) and not os.path.isdir(target):
             raise AlreadyExists(f"{target} exists and is not a directory")
         created = not os.path.exists(target)
-        with baton.blocking():  # directory creation on the host filesystem can wait on its journal
-            os.makedirs(target, mode=0o750, exist_ok=True)
+        os.makedirs(target, mode=0o750, exist_ok=True)
         try:
             self.os.bind_mount(staging, target, readonly=readonly)
         except BaseException:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import baton
 from . import syscalls
 from .oslayer import FileId, LoopDevice, MountEntry, file_id, real_path
 from .runner import CommandError, Runner
@@ -267,7 +266,7 @@ class HostOS:
         so nothing above it can punch holes in the image. Attaches are serialised in this
         process; a device a racing process took (EBUSY) or removed (ENXIO) is retried."""
         image_path = real_path(image)
-        with baton.locked(self._attach_lock):
+        with self._attach_lock:
             existing = self.find_loop(Path(image_path))
             if existing is not None:
                 return existing
@@ -366,8 +365,7 @@ class HostOS:
                     log.info("left /dev/%s in place (cannot remove it: %s); it cannot discard "
                              "until removed", name, exc.strerror)
                     return
-            with baton.blocking():
-                time.sleep(0.02)
+            time.sleep(0.02)
 
     def attach_loop_fd(self, fd: int, image: Path, *, readonly: bool, direct_io: bool,
                        discard: bool = True) -> LoopDevice:
@@ -382,7 +380,7 @@ class HostOS:
         st = os.fstat(fd)
         wanted: FileId = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
         block_size = self.sector_size if self.sector_size > 512 else 0
-        with baton.locked(self._attach_lock):
+        with self._attach_lock:
             last: syscalls.SyscallError | None = None
             for _ in range(_ATTACH_RETRIES):
                 device = self._ensure_node(self._free_loop_index())
@@ -455,8 +453,7 @@ class HostOS:
                 log.warning("/dev/%s still holds %s %.0fs after detach; the kernel frees it "
                             "when its last opener closes it", name, backing_file, timeout)
                 return False
-            with baton.blocking():
-                time.sleep(0.02)
+            time.sleep(0.02)
         return True
 
     def refresh_loop(self, device: str) -> None:

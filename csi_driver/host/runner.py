@@ -10,8 +10,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .. import baton
-
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 300.0
@@ -54,16 +52,15 @@ class Runner:
         args = [str(a) for a in argv]
         started = time.monotonic()
         try:
-            with baton.blocking():
-                proc = subprocess.run(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    env=self._env,
-                    timeout=timeout or self.default_timeout,
-                    check=False,
-                )
+            proc = subprocess.run(
+                args,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=self._env,
+                timeout=timeout or self.default_timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             # subprocess.run has already killed and reaped the child.
             raise CommandError(args, -9, f"timed out after {exc.timeout:.0f}s") from None

@@ -20,7 +20,6 @@ import signal
 import struct
 from collections.abc import Sequence
 
-from .. import baton
 from .runner import CommandError
 
 # <linux/mount.h>
@@ -124,9 +123,8 @@ def split_options(options: Sequence[str]) -> tuple[int, str] | None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    with baton.blocking():
-        rc = _mount(_enc(source), _enc(target), _enc(fstype), flags, _enc(data) if data else None)
-        err = ctypes.get_errno()
+    rc = _mount(_enc(source), _enc(target), _enc(fstype), flags, _enc(data) if data else None)
+    err = ctypes.get_errno()
     if rc != 0:
         what = [f"{source or 'none'}", "on", target]
         if fstype:
@@ -154,9 +152,8 @@ def bind_mount(source: str, target: str, *, readonly: bool) -> None:
 
 
 def umount(target: str, flags: int = 0) -> None:
-    with baton.blocking():
-        rc = _umount2(_enc(target), flags)
-        err = ctypes.get_errno()
+    rc = _umount2(_enc(target), flags)
+    err = ctypes.get_errno()
     if rc != 0:
         raise SyscallError("umount2(2)", [target], err)
 
@@ -168,8 +165,7 @@ def _loop_ioctl(device: str, request: int, arg: int | bytes, call: str, subject:
     except OSError as exc:
         raise SyscallError("open(2)", [device], exc.errno or errno.EIO) from None
     try:
-        with baton.blocking():
-            fcntl.ioctl(fd, request, arg)
+        fcntl.ioctl(fd, request, arg)
     except OSError as exc:
         raise SyscallError(call, [device, *subject], exc.errno or errno.EIO) from None
     finally:

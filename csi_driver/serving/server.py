@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .. import baton
 from ..config import Settings
 from ..csi.controller import ControllerService
 from ..csi.groupcontroller import GroupControllerService
@@ -66,10 +65,8 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps DriverError to its code, anything else to INTERNAL (traceback logged), and
     writes one structured line per call."""
 
-    def __init__(self, observers: list[Observer], *, baton_held: bool = True) -> None:
+    def __init__(self, observers: list[Observer]) -> None:
         self.observers = observers
-        self.baton_held = baton_held
-        """False when the handlers run in worker processes, which take their own."""
 
     def _finish(self, method: str, request: Any, started: float, code: grpc.StatusCode,
                 detail: str) -> None:
@@ -101,8 +98,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 started = time.monotonic()
                 try:
-                    with baton.held() if self.baton_held else contextlib.nullcontext():
-                        response = inner(request, context)
+                    response = inner(request, context)
                 except Exception as exc:
                     code, detail = status_of(exc, method)
                     self._finish(method, request, started, code, detail)
@@ -344,7 +340,7 @@ class Driver:
     def make_server(self, max_workers: int = 16) -> grpc.Server:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                         thread_name_prefix="rpc"),
-                             interceptors=[RpcInterceptor(self.observers, baton_held=self.pool is None)])
+                             interceptors=[RpcInterceptor(self.observers)])
         self.add_services(server)
         return server
 

@@ -4,9 +4,9 @@ A Python process runs one thread of Python at a time, and at concurrency 8 the d
 handlers kept one core busy while the other waited (docs/benchmarks.md). So the gRPC
 server, start-up recovery, metrics, Identity and the streaming SnapshotMetadata calls stay
 in the first process (the front), and every unary Controller, GroupController and Node
-call goes, as its serialized request, to a worker process. A worker runs the same handler objects the front
-would have (with the baton, as in one process) and sends back the serialized response or
-the status the call ended with.
+call goes, as its serialized request, to a worker process. A worker runs the same handler
+objects the front would have and sends back the serialized response or the status the call
+ended with.
 
 Workers come and go with the load. Each copies pages of the front's heap as it writes to
 them (reference counts change on every use), so a worker that has served a few hundred
@@ -58,7 +58,6 @@ from typing import IO, Any, NoReturn
 import grpc
 from google.protobuf.message import Message
 
-from .. import baton
 from ..errors import Remote, status_of
 from ..host import syscalls
 from ..proto import csi_pb2
@@ -145,8 +144,7 @@ def _worker_main(sock: socket.socket, services: dict[str, object], parent: int,
     def run(call_id: int, method: str, payload: bytes) -> None:
         try:
             handler, request_cls = handlers[method]
-            with baton.held():
-                response = handler(request_cls.FromString(payload), None)
+            response = handler(request_cls.FromString(payload), None)
             reply = (call_id, "OK", response.SerializeToString())
         except Exception as exc:
             code, detail = status_of(exc, method)

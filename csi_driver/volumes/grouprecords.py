@@ -24,7 +24,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import baton
 from .store import META, TMP_PREFIX, TRASH_PREFIX, Meta, _fsync_dir, _remove_tree, check_id, write_atomic
 
 log = logging.getLogger(__name__)
@@ -168,9 +167,8 @@ class GroupRecords:
         pending and its members are hidden."""
         self.path(group_id)
         tmp = self.root / f"{TMP_PREFIX}{group_id}.{uuid.uuid4().hex[:8]}"
-        with baton.blocking():
-            tmp.mkdir(mode=0o700)
-            _fsync_dir(self.root)  # recovery must find it if a member outlives a crash
+        tmp.mkdir(mode=0o700)
+        _fsync_dir(self.root)  # recovery must find it if a member outlives a crash
         return tmp
 
     def write(self, tmp: Path, meta: GroupMeta) -> None:
@@ -183,9 +181,8 @@ class GroupRecords:
         meta = self._read(tmp)
         if meta is None:
             raise FileNotFoundError(f"{tmp / META} was not written")
-        with baton.blocking():
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
         return GroupEntry(group_id, final, meta)
 
     def discard(self, tmp: Path) -> None:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import baton, failpoints
+from .. import failpoints
 from ..config import Settings
 from ..csi.validation import VolumeParams, check_reclaim
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -22,7 +22,7 @@ from ..host.runner import CommandError
 from .datastore import imagelock
 from .datastore.capabilities import Capabilities
 from .datastore.records import Datastore, Holder
-from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync, fsync_path, room_for
+from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync_path, room_for
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +355,8 @@ class Volumes:
                 if size > copied:
                     extend(fd, copied, size, params.diskformat)
                 if params.diskformat != "thin":
-                    with baton.blocking():
-                        os.posix_fallocate(fd, 0, size)  # the copy's holes too; never overwrites data
-                fsync(fd)
+                    os.posix_fallocate(fd, 0, size)  # the copy's holes too; never overwrites data
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -473,8 +472,7 @@ class Volumes:
         attached until the volume is staged and unstaged again."""
         mark = entry.path / DETACH_WHEN_UNUSED
         if on:
-            with baton.blocking():
-                os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         else:
             mark.unlink(missing_ok=True)
 
@@ -565,9 +563,8 @@ class Volumes:
             fd = os.open(entry.image, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 with room_for(f"to preallocate {entry.id}"):
-                    with baton.blocking():
-                        os.posix_fallocate(fd, 0, st.st_size)
-                    fsync(fd)
+                    os.posix_fallocate(fd, 0, st.st_size)
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if usage.loop is not None:

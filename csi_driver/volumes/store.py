@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import baton, failpoints
+from .. import failpoints
 from ..errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -109,17 +109,12 @@ class Entry:
         return os.stat(self.image).st_blocks * 512
 
 
-def fsync(fd: int) -> None:
-    with baton.blocking():
-        os.fsync(fd)
-
-
 def fsync_path(path: Path, flags: int = 0) -> None:
     """fsync a file by its path (a copied image, so that it survives a crash); with
     os.O_DIRECTORY, a directory's entries."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
-        fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -129,24 +124,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: str) -> None:
-    """Replace `path` with `data` durably. Only file I/O: one hand-off of the baton for
-    the whole sequence rather than one per fsync."""
+    """Replace `path` with `data` durably: a temporary file, fsynced, renamed over `path`,
+    and the directory fsynced."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    with baton.blocking():
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        try:
-            view = memoryview(data.encode("utf-8"))
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError:
-            os.unlink(tmp)  # a full disk leaves no half-written file behind
-            raise
-        finally:
-            os.close(fd)
-        failpoints.hit("meta.before_replace")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        os.unlink(tmp)  # a full disk leaves no half-written file behind
+        raise
+    finally:
+        os.close(fd)
+    failpoints.hit("meta.before_replace")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 @contextmanager
@@ -166,8 +160,7 @@ def extend(fd: int, start: int, end: int, diskformat: str) -> None:
     if diskformat == "thin":
         os.ftruncate(fd, end)
         return
-    with baton.blocking():
-        _preallocate(fd, start, end, diskformat == "eagerzeroedthick")
+    _preallocate(fd, start, end, diskformat == "eagerzeroedthick")
 
 
 def _preallocate(fd: int, start: int, end: int, zero: bool) -> None:
@@ -181,14 +174,13 @@ def _preallocate(fd: int, start: int, end: int, zero: bool) -> None:
 
 
 def create_image(path: Path, size: int, diskformat: str) -> None:
-    with baton.blocking():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with room_for(f"for a {size}-byte image"):
-                extend(fd, 0, size, diskformat)
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with room_for(f"for a {size}-byte image"):
+            extend(fd, 0, size, diskformat)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def grow_image(path: Path, size: int, diskformat: str) -> None:
@@ -198,7 +190,7 @@ def grow_image(path: Path, size: int, diskformat: str) -> None:
         if size > old:
             with room_for("to grow the image"):
                 extend(fd, old, size, diskformat)
-                fsync(fd)
+                os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -224,11 +216,10 @@ def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
     if path.is_symlink():
         path.unlink()
         return
-    with baton.blocking():  # unlinking a large image takes a while
-        if ignore_errors:
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            _rmtree_gone_is_fine(path)
+    if ignore_errors:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _rmtree_gone_is_fine(path)
 
 
 class Collection:
@@ -285,8 +276,7 @@ class Collection:
         """A new temporary directory for the object (not listed; removed by `recover`)."""
         self.path(obj_id)  # the id is checked before anything is made
         tmp = self.root / f"{TMP_PREFIX}{obj_id}.{uuid.uuid4().hex[:8]}"
-        with baton.blocking():  # a mkdir on a busy host filesystem searches inode bitmaps
-            tmp.mkdir(mode=0o700)
+        tmp.mkdir(mode=0o700)
         return tmp
 
     def commit(self, tmp: Path, obj_id: str, meta: Meta) -> Entry:
@@ -295,9 +285,8 @@ class Collection:
         final = self.path(obj_id)
         write_atomic(tmp / META, meta.to_json())  # also makes tmp's entries durable
         failpoints.hit(f"{self.kind}.create.before_rename")
-        with baton.blocking():
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
         return Entry(obj_id, final, meta)
 
     def discard(self, tmp: Path) -> None:

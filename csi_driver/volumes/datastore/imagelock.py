@@ -32,8 +32,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ... import baton
-
 FREE, SHARED, EXCLUSIVE = "free", "shared", "exclusive"
 """What lock_state finds on a range."""
 
@@ -92,17 +90,16 @@ def open_locked(path: Path, *, readonly: bool, direct: bool, wait: float = 0.0) 
     since a lock another client has just let go of can take a moment to reach the server.
     Returns the descriptor; raises LockHeld when the lock stays taken."""
     flags = os.O_CLOEXEC | (os.O_RDONLY if readonly else os.O_RDWR) | (os.O_DIRECT if direct else 0)
-    with baton.blocking():  # round trips to the datastore's server, and waiting
-        fd = os.open(path, flags)
-        deadline = time.monotonic() + wait
-        try:
-            while not try_lock(fd, exclusive=not readonly):
-                if time.monotonic() >= deadline:
-                    raise LockHeld(str(path))
-                time.sleep(0.05)
-        except BaseException:
-            os.close(fd)
-            raise
+    fd = os.open(path, flags)
+    deadline = time.monotonic() + wait
+    try:
+        while not try_lock(fd, exclusive=not readonly):
+            if time.monotonic() >= deadline:
+                raise LockHeld(str(path))
+            time.sleep(0.05)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -124,13 +121,12 @@ def keys_locked(path: Path, keys: list[str], timeout: float) -> Iterator[None]:
     of overlapping key sets never wait on each other forever). Raises LockHeld on timeout."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        with baton.blocking():  # waiting for another holder, maybe on another host
-            deadline = time.monotonic() + timeout
-            for key in sorted(set(keys)):
-                while not try_lock(fd, exclusive=True, start=byte_of(key), length=1):
-                    if time.monotonic() >= deadline:
-                        raise LockHeld(f"{path} [{key}]")
-                    time.sleep(0.01)
+        deadline = time.monotonic() + timeout
+        for key in sorted(set(keys)):
+            while not try_lock(fd, exclusive=True, start=byte_of(key), length=1):
+                if time.monotonic() >= deadline:
+                    raise LockHeld(f"{path} [{key}]")
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # drops every lock taken through it

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ... import baton
 from ...errors import Aborted, AlreadyExists, FailedPrecondition, Internal, NotFound, ResourceExhausted
 from ...host.linux import parse_mountinfo
 from ..datalock import DataDirLock, DataDirLocked, node_lock_path
@@ -80,7 +79,7 @@ def _load(path: Path) -> dict[str, Any] | None:
     retried: the next lookup finds the new file."""
     for attempt in range(20):
         try:
-            with baton.blocking(), open(path, encoding="utf-8") as f:  # a network filesystem
+            with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         except FileNotFoundError:
             return None
@@ -541,8 +540,7 @@ class Attachments:
         rec = self.get(volume_id)
         deadline = time.monotonic() + STALE_READ_SECONDS
         while wanted and (rec.generation if rec is not None else 0) < wanted and time.monotonic() < deadline:
-            with baton.blocking():
-                time.sleep(0.1)
+            time.sleep(0.1)
             rec = self.get(volume_id)
         seen = rec.generation if rec is not None else 0
         if wanted > seen:
