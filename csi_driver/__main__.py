@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from .config import SettingsError, parse_settings
 from .logsetup import setup_logging
+from .serving.flags import parse_settings
+from .settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,11 @@
-"""Domain errors. Each carries the gRPC status code it is reported with; status_of is the
-one place that turns an exception into a status (the server's interceptor, and the
-handler worker processes, call it)."""
+"""Domain errors. Each carries the gRPC status code it is reported with
+(csi_driver.serving.interceptor.status_of turns an exception into the call's status).
+
+A foundation module: every layer may raise these; it imports nothing of any layer."""
 
 from __future__ import annotations
 
-import logging
-
 import grpc
-
-from .host.runner import CommandError
-
-log = logging.getLogger("thinloop.rpc")
 
 
 class DriverError(Exception):
@@ -57,23 +52,3 @@ class Unimplemented(DriverError):
 
 class Internal(DriverError):
     code = grpc.StatusCode.INTERNAL
-
-
-class Remote(DriverError):
-    """A status a handler worker process reported for a call (csi_driver.serving.workers)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """The status a call that raised `exc` ends with; logs what a DriverError does not
-    already explain (a failed command, a bug with its traceback)."""
-    if isinstance(exc, DriverError):
-        return exc.code, exc.message
-    if isinstance(exc, CommandError):
-        log.error("%s: command failed: %s", method, exc)
-        return grpc.StatusCode.INTERNAL, str(exc)
-    log.exception("%s: unexpected error", method)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

@@ -15,7 +15,6 @@ from typing import TypeVar
 import grpc
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
-from ..config import Settings
 from ..errors import (
     Aborted,
     AlreadyExists,
@@ -26,19 +25,18 @@ from ..errors import (
     Unimplemented,
 )
 from ..proto import csi_pb2, csi_pb2_grpc
+from ..settings import Settings
 from ..volumes.datastore import imagelock
 from ..volumes.datastore.records import Datastore
 from ..volumes.inflight import InFlight
 from ..volumes.lifecycle import HostView, Volumes, fs_type_of
+from ..volumes.params import DISKFORMATS, RECLAIM_MODES, VolumeParams
 from ..volumes.snapshots import Snapshots
 from ..volumes.store import Entry, check_id, grow_image
 from .validation import (
-    DISKFORMATS,
     MULTI_NODE_MODES,
-    RECLAIM_MODES,
     SHARED_MODES,
     SUPPORTED_MODES,
-    VolumeParams,
     check_capabilities,
     check_capability,
     fits_range,

@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 
 from .. import failpoints
-from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from ..host import caps
 from ..host.oslayer import LoopDevice, MountEntry
 from ..host.runner import CommandError
 from ..proto import csi_pb2, csi_pb2_grpc
+from ..settings import Settings
 from ..volumes.datastore.records import health as datastore_health
 from ..volumes.inflight import InFlight
 from ..volumes.lifecycle import (
@@ -28,6 +28,7 @@ from ..volumes.lifecycle import (
     mount_at,
     publish_mounts,
 )
+from ..volumes.params import parse_quantity
 from ..volumes.store import Entry, check_id, grow_image
 from .validation import (
     EPHEMERAL_KEY,
@@ -38,7 +39,6 @@ from .validation import (
     check_mount_flags,
     confine,
     is_read_only,
-    parse_quantity,
     require,
     resolve_params,
     size_from_range,

@@ -4,27 +4,23 @@ paths. Each raises a DriverError subclass naming the field at fault."""
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Set
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgument, OutOfRange
 from ..host.oslayer import FILESYSTEMS
 from ..proto import csi_pb2
+from ..volumes.params import DISKFORMATS, MAX_SIZE, VolumeParams, check_reclaim
 
 MIB = 1 << 20
 GIB = 1 << 30
 DEFAULT_SIZE = 1 * GIB
 """Size of a volume whose capacity_range is absent (or gives only a limit above it)."""
-MAX_SIZE = 64 * (1 << 40)
 MIN_SIZE = {"ext3": 16 * MIB, "ext4": 16 * MIB, "xfs": 300 * MIB, "": 1 * MIB}
 """Smallest image each filesystem can be made on (mkfs.xfs refuses below 300 MiB)."""
 DEFAULT_FS = "ext4"
-DISKFORMATS = ("thin", "zeroedthick", "eagerzeroedthick")
-RECLAIM_MODES = ("discard", "none")
 K8S_PREFIX = "csi.storage.k8s.io/"
 STORAGECLASS_PARAMETERS = ("fsType", "diskformat", "reclaim")
 """What CreateVolume's parameters may hold besides csi.storage.k8s.io/* keys, of which
@@ -44,22 +40,6 @@ READ_ONLY_MODES = {AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_REA
 MULTI_NODE_MODES = {AccessMode.MULTI_NODE_READER_ONLY}
 _MOUNT_FLAG_RE = re.compile(r"[A-Za-z0-9_.:=/+-]{1,128}")
 _FORBIDDEN_FLAGS = {"bind", "rbind", "remount", "move", "make-shared", "make-rshared"}
-
-
-@dataclass(frozen=True)
-class VolumeParams:
-    """What CreateVolume's parameters and capabilities resolve to."""
-
-    fs_type: str
-    """ext3/ext4/xfs, or empty for a volume only ever used as a raw block device"""
-    diskformat: str
-    reclaim: str
-    access_type: str
-    """mount, block, or both (mount and block capabilities were asked for)"""
-    extra: dict[str, str]
-    """csi.storage.k8s.io/ keys (PVC name and namespace and the like)"""
-    fs_explicit: bool = True
-    """False when fs_type is only the default (a restore then keeps its source's)"""
 
 
 def require(value: object, what: str) -> None:
@@ -149,22 +129,6 @@ def resolve_params(parameters: Mapping[str, str], caps: Iterable[csi_pb2.VolumeC
     return VolumeParams(fs, diskformat, reclaim, access, extra, explicit)
 
 
-def check_reclaim(diskformat: str, reclaim: str | None) -> str:
-    """The reclaim mode of a volume of this diskformat: the one given, else `discard` for
-    thin and `none` for thick. A thick volume promises to keep its whole size allocated
-    on the node, and discard gives freed blocks back: asking for both is refused."""
-    if reclaim is None:
-        return "discard" if diskformat == "thin" else "none"
-    if reclaim not in RECLAIM_MODES:
-        raise InvalidArgument(f"reclaim {reclaim!r} is not supported; use one of {', '.join(RECLAIM_MODES)}")
-    if reclaim == "discard" and diskformat != "thin":
-        raise InvalidArgument(
-            f"reclaim 'discard' cannot go with diskformat {diskformat!r}: a {diskformat} volume keeps "
-            "its whole size allocated on the node, and discard would give freed blocks back to it; "
-            "use reclaim 'none' (the default for thick volumes) or diskformat 'thin'")
-    return reclaim
-
-
 def round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
@@ -200,25 +164,6 @@ def fits_range(size: int, rng: csi_pb2.CapacityRange | None) -> bool:
     if rng.required_bytes and size < rng.required_bytes:
         return False
     return not (rng.limit_bytes and size > rng.limit_bytes)
-
-
-_QUANTITY_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGTPE]i?|k)?")
-_SUFFIX = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5,
-           "E": 1000**6, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
-           "Pi": 1 << 50, "Ei": 1 << 60}
-
-
-def parse_quantity(text: str) -> int:
-    """Kubernetes-style quantity ("256Mi", "1G", "1073741824") to bytes."""
-    m = _QUANTITY_RE.fullmatch(text.strip())
-    if not m:
-        raise InvalidArgument(f"size {text[:40]!r} is not a quantity such as 512Mi or 2Gi")
-    value = float(m.group(1)) * _SUFFIX[m.group(2) or ""]
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(f"size {text[:40]!r} must be positive")
-    if value > MAX_SIZE:  # also keeps it inside the int64 of a CapacityRange
-        raise OutOfRange(f"size {text[:40]!r} is larger than the largest volume ({MAX_SIZE} bytes)")
-    return math.ceil(value)
 
 
 @functools.lru_cache(maxsize=8)

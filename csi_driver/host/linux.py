@@ -35,6 +35,12 @@ BLKROGET = 0x125E
 BLKGETSIZE64 = 0x80081272
 REQUIRED_TOOLS = ("losetup", "blkid", "mount", "umount", "mkfs.ext4", "mkfs.ext3",
                   "mkfs.xfs", "resize2fs", "e2fsck", "xfs_growfs", "fsfreeze", "fstrim", "cp")
+TOOL_PACKAGES = {"losetup": "util-linux", "blkid": "util-linux", "mount": "mount",
+                 "umount": "mount", "fsfreeze": "util-linux", "fstrim": "util-linux",
+                 "mkfs.ext4": "e2fsprogs", "mkfs.ext3": "e2fsprogs", "resize2fs": "e2fsprogs",
+                 "e2fsck": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
+                 "cp": "coreutils"}
+"""The Debian package of each tool the driver runs."""
 _ATTACH_RETRIES = 20
 _RACE_ERRNOS = (errno.EBUSY, errno.ENXIO, errno.ENODEV)
 """A loop device another process took, or removed, between "find a free one" and "attach"."""

@@ -33,7 +33,9 @@ from google.protobuf.message import Message
 
 from .. import __version__
 from ..cliparse import HelpFormatter, OneLineParser, UsageError
-from ..config import (
+from ..errors import DriverError
+from ..proto import csi_pb2
+from ..settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_DRIVER_NAME,
     DEFAULT_ENDPOINT,
@@ -42,41 +44,30 @@ from ..config import (
     SettingsError,
     socket_path_from_endpoint,
 )
-from ..csi.identity import NOT_READY_REASON_KEY
-from ..csi.validation import parse_quantity
-from ..errors import DriverError
-from ..proto import csi_pb2
+from ..volumes.params import parse_quantity
+from ..volumes.readiness import NOT_READY_REASON_KEY
 from .client import CsiClient, capability
+from .outcome import (
+    EXIT_FAILED,
+    EXIT_FOUND,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNCHANGED,
+    EXIT_USAGE,
+    Failure,
+    Outcome,
+    table,
+)
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 PluginService = csi_pb2.PluginCapability.Service
 ControllerRPC = csi_pb2.ControllerServiceCapability.RPC
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FOUND, EXIT_NOT_FOUND, EXIT_UNCHANGED = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 DEFAULT_TIMEOUT = 120.0
 """Seconds each CSI call may take: mkfs of a large preallocated image, or a snapshot copy,
 take tens of seconds; a driver that says nothing for two minutes is stuck."""
 OUTPUTS = ("table", "json", "yaml")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a command returns: the value to print and the exit code."""
-
-    value: Any
-    code: int = EXIT_OK
-
-
-class Failure(Exception):
-    """A command that cannot do what was asked: one line and an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED, kind: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.kind = kind or {EXIT_USAGE: "USAGE", EXIT_NOT_FOUND: "NOT_FOUND",
-                             EXIT_UNCHANGED: "UNCHANGED", EXIT_INTERRUPTED: "INTERRUPTED"}.get(code, "FAILED")
 
 
 # -- plain values for json and yaml -----------------------------------------------------------
@@ -115,16 +106,6 @@ def _plain_value(fd: Any, value: Any) -> Any:
 
 def topology_text(segments: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(segments.items())) or "-"
-
-
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    out = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(out)
 
 
 def human(n: int | str | None) -> str:
@@ -378,7 +359,7 @@ def cmd_list(s: Session, a: argparse.Namespace) -> Outcome:
     if a.output != "table":
         return Outcome(entries)
     rows = [{**row, "size": human(row["size"]), "in_use": "yes" if row["in_use"] else "no"} for row in entries]
-    return Outcome(_table(rows, ["id", "size", "fs", "diskformat", "in_use", "condition"]))
+    return Outcome(table(rows, ["id", "size", "fs", "diskformat", "in_use", "condition"]))
 
 
 def cmd_stage(s: Session, a: argparse.Namespace) -> Outcome:
@@ -406,7 +387,7 @@ def cmd_stats(s: Session, a: argparse.Namespace) -> Outcome:
         show: Callable[[int], str] = human if unit == "BYTES" else str
         rows.append({"unit": unit, "total": show(u.total), "used": show(u.used), "available": show(u.available)})
     cond = resp.volume_condition
-    return Outcome(_table(rows, ["unit", "total", "used", "available"]) +
+    return Outcome(table(rows, ["unit", "total", "used", "available"]) +
                    f"\ncondition: {'ABNORMAL' if cond.abnormal else 'ok'} ({cond.message or 'healthy'})")
 
 
@@ -500,7 +481,7 @@ def cmd_snapshots(s: Session, a: argparse.Namespace) -> Outcome:
         return Outcome(rows)
     shown = [{**r, "size": human(r["size"]), "ready": "yes" if r["ready"] else "no", "group": r["group"] or "-"}
              for r in rows]
-    return Outcome(_table(shown, ["id", "source", "size", "ready", "group"]))
+    return Outcome(table(shown, ["id", "source", "size", "ready", "group"]))
 
 
 def cmd_delete_snapshot(s: Session, a: argparse.Namespace) -> Outcome:
@@ -553,7 +534,7 @@ def cmd_group_snapshots(s: Session, a: argparse.Namespace) -> Outcome:
         return Outcome(rows)
     shown = [{**r, "snapshots": ",".join(r["snapshots"]), "volumes": ",".join(r["volumes"]),
               "ready": "yes" if r["ready"] else "no"} for r in rows]
-    return Outcome(_table(shown, ["id", "volumes", "snapshots", "created", "ready"]))
+    return Outcome(table(shown, ["id", "volumes", "snapshots", "created", "ready"]))
 
 
 def cmd_delete_group_snapshot(s: Session, a: argparse.Namespace) -> Outcome:
@@ -621,7 +602,7 @@ def _pct(part: int, whole: int) -> str:
 
 def cmd_node_status(a: argparse.Namespace) -> Outcome:
     from ..volumes.datalock import node_lock_path
-    from .nodestatus import collect
+    from ..volumes.status import collect
     local = Local.open(a)
     shared = local.settings.shared
     lock = node_lock_path(local.settings.data_dir, local.settings.node_id) if shared else None
@@ -638,9 +619,9 @@ def cmd_node_status(a: argparse.Namespace) -> Outcome:
     t = status.totals
     over = "unbounded (disk full)" if t.overcommit == float("inf") else f"{t.overcommit:.2f}"
     lines = [
-        "VOLUMES", _table(vols, ["id", "size", "allocated", "fs", "diskformat", "state", "loop",
+        "VOLUMES", table(vols, ["id", "size", "allocated", "fs", "diskformat", "state", "loop",
                                  "staged_at", "published_at"]),
-        "", "SNAPSHOTS", _table(snaps, ["id", "source", "size", "allocated", "fs"]), "",
+        "", "SNAPSHOTS", table(snaps, ["id", "source", "size", "allocated", "fs"]), "",
         f"{'data dir':14}{status.data_dir} ({status.data_fs_type})"
         + (f": datastore {status.datastore}, shared with other nodes" if shared else ""),
         f"{'driver':14}{status.driver or 'none running on this data dir'}" if not shared else
@@ -713,9 +694,9 @@ def cmd_node_trim(a: argparse.Namespace) -> Outcome:
     shown = [{**r, "trimmed_bytes": human(r["trimmed_bytes"]), "allocated_before": human(r["allocated_before"]),
               "allocated_after": "" if r["allocated_after"] is None else human(r["allocated_after"])}
              for r in rows]
-    table = _table(shown, ["id", "mount_point", "trimmed_bytes", "allocated_before", "allocated_after",
-                           "result"])
-    return Outcome(f"{table}\nallocation of trimmed volumes: {human(before)} -> {human(after)} "
+    text = table(shown, ["id", "mount_point", "trimmed_bytes", "allocated_before", "allocated_after",
+                         "result"])
+    return Outcome(f"{text}\nallocation of trimmed volumes: {human(before)} -> {human(after)} "
                    f"({human(max(0, before - after))} given back to the host)", code)
 
 
@@ -758,10 +739,10 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
         if a.output != "table":
             return Outcome(report.to_dict(), code)
         cols = ["kind", "id", "detail", "deletable", "reason"]
-        return Outcome(_table(rows, cols) if rows else "no orphans found", code)
+        return Outcome(table(rows, cols) if rows else "no orphans found", code)
     deletable = [o for o in report.orphans if o.deletable]
     if deletable and not a.yes:
-        print(_table([o.to_dict() for o in deletable], ["kind", "id", "detail"]), file=sys.stderr)
+        print(table([o.to_dict() for o in deletable], ["kind", "id", "detail"]), file=sys.stderr)
         if not _confirm(f"Delete these {len(deletable)} object(s)?"):
             return Outcome(report.to_dict() if a.output != "table" else "nothing deleted", EXIT_FOUND)
     outcomes = orphans.remove(report, local.store, local.hostos, view,
@@ -773,7 +754,7 @@ def cmd_node_orphans(a: argparse.Namespace, cluster: Any = None) -> Outcome:
     docs = [x.to_dict() for x in outcomes]
     if a.output != "table":
         return Outcome({**report.to_dict(), "results": docs}, code)
-    return Outcome(_table(docs, ["kind", "id", "deleted", "message"]), code)
+    return Outcome(table(docs, ["kind", "id", "deleted", "message"]), code)
 
 
 def cmd_node_label_group_snapshots(a: argparse.Namespace, api: Any = None) -> Outcome:
@@ -799,7 +780,7 @@ def cmd_node_label_group_snapshots(a: argparse.Namespace, api: Any = None) -> Ou
             raise Failure(f"Kubernetes API: {exc.explain()}") from None
         if a.output != "table":
             return Outcome(done)
-        return Outcome(_table(done, ["content", "node", "reason"]) if done else
+        return Outcome(table(done, ["content", "node", "reason"]) if done else
                        f"nothing to label: no unlabelled {grouplabels.KIND} of {a.driver_name} is held here")
     # The sidecar's log: one line per label applied, on stderr.
     handler = logging.StreamHandler(sys.stderr)

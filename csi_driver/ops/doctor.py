@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Settings
-from ..csi.identity import readiness
 from ..host import caps
-from ..host.linux import REQUIRED_TOOLS, HostOS, sector_size_for
+from ..host.linux import REQUIRED_TOOLS, TOOL_PACKAGES, HostOS, sector_size_for
 from ..host.runner import CommandError, Runner
-from ..serving.preflight import TOOL_PACKAGES as PACKAGES
-from .nodestatus import filesystem_of
+from ..settings import Settings
+from ..volumes.readiness import readiness
+from ..volumes.status import filesystem_of
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_FRACTION = 0.10
@@ -67,7 +66,7 @@ def _tools(runner: Runner) -> list[Check]:
     checks = []
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
-        pkgs = sorted({PACKAGES.get(t, t) for t in missing})
+        pkgs = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
         checks.append(Check("tools", FAIL, f"not found in PATH: {', '.join(missing)}",
                             f"install {' '.join(pkgs)} (or fix PATH)"))
     else:

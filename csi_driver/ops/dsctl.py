@@ -1,7 +1,7 @@
 """`thinloopctl datastore ...`: make a directory a shared datastore, see who holds each
 image and which node drivers are alive, and release a fenced node's attachment. Reads the
 datastore through this host's mount of it and needs no running driver
-(csi_driver.ops.dsstatus); results and exit codes as every thinloopctl command (csi_driver.ops.ctl:
+(csi_driver.ops.dsstatus); results and exit codes as every thinloopctl command (csi_driver.ops.outcome:
 Outcome for what is printed, Failure for one line and its code)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..volumes.datastore.records import Datastore, DatastoreError, init_marker
-from .ctl import EXIT_FOUND, EXIT_NOT_FOUND, EXIT_UNCHANGED, EXIT_USAGE, Failure, Outcome, _table
 from .dsstatus import NodeStatus, ReleaseRefused, holdings, nodes, open_datastore, release
+from .outcome import EXIT_FOUND, EXIT_NOT_FOUND, EXIT_UNCHANGED, EXIT_USAGE, Failure, Outcome, table
 
 
 def _open(a: argparse.Namespace) -> Datastore:
@@ -49,17 +49,17 @@ def cmd_holders(a: argparse.Namespace) -> Outcome:
     shown = [{"volume": r.volume, "attached_to": "; ".join(r.attached_to) or "-", "lock": r.lock,
               "holders": "; ".join(r.holders) or "-", "note": r.note} for r in rows]
     lines = [f"datastore {ds.name} at {ds.root}",
-             _table(shown, ["volume", "attached_to", "lock", "holders", "note"]), "",
-             "NODES", _node_table(nodes(ds))]
+             table(shown, ["volume", "attached_to", "lock", "holders", "note"]), "",
+             "NODES", _nodetable(nodes(ds))]
     return Outcome("\n".join(lines), code)
 
 
-def _node_table(rows: list[NodeStatus]) -> str:
+def _nodetable(rows: list[NodeStatus]) -> str:
     shown = [{"node": n.node, "alive": "yes" if n.alive else "NO", "state": n.state,
               "heartbeat_age": f"{n.heartbeat_age_seconds:.0f}s", "lock": n.lock, "host": n.host,
               "pid": n.pid, "attached": n.attached}
              for n in rows]
-    return _table(shown, ["node", "alive", "state", "heartbeat_age", "lock", "host", "pid", "attached"])
+    return table(shown, ["node", "alive", "state", "heartbeat_age", "lock", "host", "pid", "attached"])
 
 
 def cmd_nodes(a: argparse.Namespace) -> Outcome:
@@ -67,7 +67,7 @@ def cmd_nodes(a: argparse.Namespace) -> Outcome:
     rows = nodes(ds)
     if a.output != "table":
         return Outcome({"datastore": ds.name, "nodes": [n.to_dict() for n in rows]})
-    return Outcome(_node_table(rows))
+    return Outcome(_nodetable(rows))
 
 
 def cmd_release(a: argparse.Namespace) -> Outcome:

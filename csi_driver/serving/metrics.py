@@ -16,14 +16,14 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..config import parse_address
-from ..csi.identity import disk_full, readiness
-from ..ops.nodestatus import store_totals
+from ..settings import parse_address
+from ..volumes.readiness import disk_full, readiness
+from ..volumes.status import store_totals
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from .server import Driver
+    from .driver import Driver
 
 log = logging.getLogger(__name__)
 

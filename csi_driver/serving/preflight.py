@@ -14,18 +14,12 @@ import socket
 import stat
 from pathlib import Path
 
-from ..config import Settings, parse_address
-from ..host.linux import REQUIRED_TOOLS
+from ..host.linux import REQUIRED_TOOLS, TOOL_PACKAGES
+from ..settings import Settings, parse_address
 from ..volumes.datalock import LOCK_FILE, DataDirLock, node_lock_path
 from ..volumes.datastore.records import marker_problem, node_in_use
 
 LOOP_CONTROL = "/dev/loop-control"
-TOOL_PACKAGES = {"losetup": "util-linux", "blkid": "util-linux", "mount": "mount",
-                 "umount": "mount", "fsfreeze": "util-linux", "fstrim": "util-linux",
-                 "mkfs.ext4": "e2fsprogs", "mkfs.ext3": "e2fsprogs", "resize2fs": "e2fsprogs",
-                 "e2fsck": "e2fsprogs", "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs",
-                 "cp": "coreutils"}
-"""The Debian package of each tool the driver runs."""
 
 
 class StartupError(RuntimeError):

@@ -58,9 +58,10 @@ from typing import IO, Any, NoReturn
 import grpc
 from google.protobuf.message import Message
 
-from ..errors import Remote, status_of
+from ..errors import DriverError
 from ..host import syscalls
 from ..proto import csi_pb2
+from .interceptor import status_of
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,15 @@ FORWARDED = ("Controller", "GroupController", "Node")
 DEFAULT_IDLE_SECONDS = 10.0
 SPAWN_TIMEOUT = 30.0
 """How long a call waits for a worker to start before it fails UNAVAILABLE."""
+
+
+
+class Remote(DriverError):
+    """A status a handler worker process reported for a call."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 _SERVING_IMPORTS = ("queue", "concurrent.futures.thread", "grpc._server", "grpc._interceptor")
 """Modules the gRPC server imports only once it is built (after the fork)."""

@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import failpoints
-from ..config import Settings
-from ..csi.validation import VolumeParams, check_reclaim
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..host.oslayer import FileId, LoopDevice, MountEntry, OSLayer, file_id, real_path
 from ..host.runner import CommandError
+from ..settings import Settings
 from .datastore import imagelock
 from .datastore.capabilities import Capabilities
 from .datastore.records import Datastore, Holder
+from .params import VolumeParams, check_reclaim
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync_path, room_for
 
 log = logging.getLogger(__name__)

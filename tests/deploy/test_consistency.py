@@ -9,7 +9,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from csi_driver.config import DEFAULT_DRIVER_NAME, TOPOLOGY_KEY, parse_settings
+from csi_driver.serving.flags import parse_settings
+from csi_driver.settings import DEFAULT_DRIVER_NAME, TOPOLOGY_KEY
 
 from .manifests import (
     CHART_DIR,

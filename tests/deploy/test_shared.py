@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from csi_driver.config import FLAGS, SettingsError, parse_settings
+from csi_driver.serving.flags import FLAGS, parse_settings
+from csi_driver.settings import SettingsError
 
 from .manifests import (
     CHART_DIR,
@@ -111,7 +112,7 @@ def chart_values(settings: dict[str, str], **shared: Any) -> dict[str, Any]:
 
 
 def driver_knows(name: str) -> bool:
-    """Whether the driver has flag NAME (csi_driver/config.py's table of flags)."""
+    """Whether the driver has flag NAME (csi_driver/serving/flags.py's table of flags)."""
     return name in {f.name for f in FLAGS}
 
 
@@ -401,7 +402,7 @@ def test_rbac_check_catches_mistakes(shared: list[Obj]) -> None:
 
 
 def test_driver_flags_exist(shared: list[Obj], shared_chart: list[Obj]) -> None:
-    """Every flag the manifests pass is one of csi_driver/config.py's, --datastore among them."""
+    """Every flag the manifests pass is one of csi_driver/serving/flags.py's, --datastore among them."""
     for _, objs in renderings(shared, shared_chart):
         for kind, wname in (CONTROLLER, NODE):
             driver = containers(find(objs, kind, wname))["thinloop"]

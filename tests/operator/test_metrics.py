@@ -11,10 +11,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from csi_driver.config import Settings, parse_address
 from csi_driver.proto import csi_pb2
+from csi_driver.serving.driver import Driver as ServerDriver
 from csi_driver.serving.metrics import Metrics
-from csi_driver.serving.server import Driver as ServerDriver
+from csi_driver.settings import Settings, parse_address
 from tests.conftest import NODE_ID, Driver
 from tests.fakeos import FakeOS
 from tests.helpers import MIB, cap_for, create, delete, down, up

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csi_driver.csi.validation import _QUANTITY_RE as QUANTITY_RE
 from csi_driver.ops.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
+from csi_driver.volumes.params import _QUANTITY_RE as QUANTITY_RE
 from csi_driver.volumes.store import ID_RE
 from tests import kernel
 from tests.conftest import Driver

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.config import FLAGS, parse_settings
 from csi_driver.serving import preflight
+from csi_driver.serving.flags import FLAGS, parse_settings
 from tests.operator.test_doctor import path_without
 
 pytestmark = pytest.mark.root

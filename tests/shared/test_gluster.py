@@ -22,9 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.config import DATASTORE_TOPOLOGY_KEY
 from csi_driver.ops.client import CsiClient, capability
 from csi_driver.proto import csi_pb2
+from csi_driver.settings import DATASTORE_TOPOLOGY_KEY
 from csi_driver.volumes.datastore import capabilities, imagelock
 from csi_driver.volumes.datastore.records import GENERATION_KEY, Heartbeat, NodeRecord, NodeRegistry
 from tests.helpers import MIB, Published, code_of, read_sum, write_data

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.config import SettingsError, parse_settings
+from csi_driver.serving.flags import parse_settings
+from csi_driver.settings import SettingsError
 
 
 def test_defaults_and_env() -> None:

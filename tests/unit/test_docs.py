@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.config import FLAGS, Settings
 from csi_driver.csi.node import EPHEMERAL_ATTRS
-from csi_driver.csi.validation import DISKFORMATS, K8S_PREFIX, RECLAIM_MODES, STORAGECLASS_PARAMETERS, resolve_params
+from csi_driver.csi.validation import K8S_PREFIX, STORAGECLASS_PARAMETERS, resolve_params
 from csi_driver.host.oslayer import FILESYSTEMS
 from csi_driver.ops import ctl
+from csi_driver.serving.driver import Driver
+from csi_driver.serving.flags import FLAGS
 from csi_driver.serving.metrics import Metrics
-from csi_driver.serving.server import Driver
+from csi_driver.settings import Settings
 from csi_driver.volumes.datastore.records import init_marker
+from csi_driver.volumes.params import DISKFORMATS, RECLAIM_MODES
 from tests.fakeos import FakeOS
 from tests.helpers import cap_for
 

@@ -21,7 +21,7 @@ from csi_driver.errors import (
     Unimplemented,
 )
 from csi_driver.proto import csi_pb2
-from csi_driver.serving.server import Driver
+from csi_driver.serving.driver import Driver
 from csi_driver.volumes.groupsnapshots import MAX_ID, member_id
 from tests.helpers import MIB, cap_for, tree
 from tests.unit.test_services import CTX, Rig

@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from csi_driver.host.linux import REQUIRED_TOOLS
-from csi_driver.serving.preflight import TOOL_PACKAGES
+from csi_driver.host.linux import REQUIRED_TOOLS, TOOL_PACKAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = (ROOT / "scripts" / "install-deps.sh").read_text()

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from csi_driver.config import TOPOLOGY_KEY, Settings
 from csi_driver.csi.controller import ControllerService
 from csi_driver.csi.identity import IdentityService
 from csi_driver.csi.node import NodeService
 from csi_driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from csi_driver.proto import csi_pb2
-from csi_driver.serving.server import Driver
+from csi_driver.serving.driver import Driver
+from csi_driver.settings import TOPOLOGY_KEY, Settings
 from csi_driver.volumes.store import Store
 from tests.fakeos import FakeOS
 from tests.helpers import GIB, MIB, cap_for

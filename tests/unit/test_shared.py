@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from csi_driver.config import DATASTORE_TOPOLOGY_KEY, SHARED_DRIVER_NAME, Settings, SettingsError, parse_settings
 from csi_driver.csi.controller import ControllerService
 from csi_driver.csi.identity import IdentityService
 from csi_driver.csi.node import NodeService
@@ -28,7 +27,9 @@ from csi_driver.errors import (
     Unimplemented,
 )
 from csi_driver.proto import csi_pb2
-from csi_driver.serving.server import Driver
+from csi_driver.serving.driver import Driver
+from csi_driver.serving.flags import parse_settings
+from csi_driver.settings import DATASTORE_TOPOLOGY_KEY, SHARED_DRIVER_NAME, Settings, SettingsError
 from csi_driver.volumes.datastore import capabilities, imagelock
 from csi_driver.volumes.datastore.fencing import NodeFences
 from csi_driver.volumes.datastore.records import (

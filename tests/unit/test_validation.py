@@ -10,12 +10,12 @@ from csi_driver.csi.validation import (
     MIB,
     check_mount_flags,
     confine,
-    parse_quantity,
     resolve_params,
     size_from_range,
 )
 from csi_driver.errors import InvalidArgument, OutOfRange
 from csi_driver.proto import csi_pb2
+from csi_driver.volumes.params import parse_quantity
 from csi_driver.volumes.store import check_id
 from tests.helpers import cap_for
 

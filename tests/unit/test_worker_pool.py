@@ -8,9 +8,8 @@ import socket
 import grpc
 import pytest
 
-from csi_driver.errors import Remote
 from csi_driver.proto import csi_pb2
-from csi_driver.serving.workers import WorkerPool, _Worker
+from csi_driver.serving.workers import Remote, WorkerPool, _Worker
 
 
 def test_a_call_to_a_vanished_worker_is_unavailable() -> None:

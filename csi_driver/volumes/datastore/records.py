@@ -106,7 +106,7 @@ def _save(path: Path, record: object) -> None:
 
 
 def valid_node_id(node_id: str) -> bool:
-    """Node ids become file names here: what --node-id accepts (csi_driver.config), and not
+    """Node ids become file names here: what --node-id accepts (csi_driver.serving.flags), and not
     a name the directory listing hides."""
     return 0 < len(node_id) <= 128 and not node_id.startswith(".") and \
         not any(c in node_id for c in "/\0\n")

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..host.oslayer import MountEntry, OSLayer
-from ..volumes.datalock import LOCK_FILE, DataDirLock
-from ..volumes.lifecycle import Usage, device_mounts, fs_type_of, is_block_staging
-from ..volumes.store import Collection, Entry, Store
+from .datalock import LOCK_FILE, DataDirLock
+from .lifecycle import Usage, device_mounts, fs_type_of, is_block_staging
+from .store import Collection, Entry, Store
 
 
 @dataclass(frozen=True)
