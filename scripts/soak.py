@@ -30,7 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from csi_driver import procmem  # noqa: E402
+from benchmarks import procmem  # noqa: E402
 from csi_driver.host.sweep import loops_under, mounts_under, sweep  # noqa: E402
 from csi_driver.ops.client import CsiClient, capability  # noqa: E402
 from csi_driver.proto import csi_pb2  # noqa: E402

@@ -13,7 +13,7 @@ esac
 # python3, thinloopctl), is .venv's.
 export PATH="$PWD/.venv/bin:$PATH"
 export PYTHON="$PWD/.venv/bin/python"
-echo "== ruff"; python -m ruff check csi_driver tests scripts
+echo "== ruff"; python -m ruff check csi_driver benchmarks tests scripts
 echo "== mypy"; python -m mypy
 echo "== pytest"
 set +e

@@ -1,6 +1,6 @@
-"""A tiny run of each scripts/bench.py mode on real loop devices: few volumes, small sizes,
-no timing assertions. Each run must leave no loop device or mount behind, also when it fails
-half-way."""
+"""A tiny run of each scripts/bench.py mode (the modes are in benchmarks/) on real loop
+devices: few volumes, small sizes, no timing assertions. Each run must leave no loop device
+or mount behind, also when it fails half-way."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks import common
 from tests import kernel
 from tests.conftest import Driver
 
@@ -54,7 +55,7 @@ def test_lifecycle_starting_its_own_driver(bench: ModuleType, workdir: Path) -> 
     assert [r["concurrency"] for r in res["runs"]] == [1, 2]
     for r in res["runs"]:
         assert r["volumes"] == 2 and r["volumes_per_second"] > 0
-        assert set(r["steps"]) == set(bench.STEPS)
+        assert set(r["steps"]) == set(common.STEPS)
         assert r["driver"]["peak_rss_bytes"] > 0
         assert 0 < r["driver"]["peak_resident_bytes"] <= r["driver"]["peak_rss_bytes"]
         assert 0 < r["driver"]["peak_pss_bytes"] <= r["driver"]["peak_rss_bytes"]
@@ -125,7 +126,7 @@ def test_a_failure_half_way_leaves_nothing_behind(bench: ModuleType, workdir: Pa
         calls.append(target)
         raise OSError(5, "injected write failure")
 
-    monkeypatch.setattr(bench, "write_small_file", broken_write)
+    monkeypatch.setattr(common, "write_small_file", broken_write)
     with pytest.raises(OSError, match="injected"):
         bench.main([mode, "--count", "4", "--size", "64Mi", "--concurrency", "2",
                     "--base-dir", str(workdir / "bench")])

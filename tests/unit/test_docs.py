@@ -78,7 +78,8 @@ def subcommands(p: argparse.ArgumentParser, prefix: str = "") -> Iterator[str]:
 CTL = ctl.build_parser()
 DRIVER_FLAGS = {f.name for f in FLAGS}
 CTL_FLAGS = set(parser_options(CTL)) - {"--help"}
-SCRIPT_FLAGS = {m for path in [*(ROOT / "scripts").glob("*.py"), ROOT / "csi_driver" / "ops" / "demo.py"]
+SCRIPT_FLAGS = {m for path in [*(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+                                ROOT / "csi_driver" / "ops" / "demo.py"]
                 for m in re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", path.read_text())}
 SCRIPT_FLAGS |= set(re.findall(r"^  (--[a-z-]+)\)", (ROOT / "scripts" / "install-deps.sh").read_text(), re.M))
 SCRIPT_FLAGS |= set(re.findall(r'"\$\{1:-\}" == "(--[a-z-]+)"', (ROOT / "scripts" / "e2e.sh").read_text()))

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from csi_driver import procmem
+from benchmarks import procmem
 
 pytestmark = pytest.mark.root  # frame numbers in /proc/PID/pagemap are shown to root only
 
