@@ -102,11 +102,12 @@ def test_stale_socket_is_replaced_and_owner_only(workdir: Path) -> None:
     d = Driver(workdir)
     d.socket.parent.mkdir(parents=True)
     bound_socket(d.socket).close()  # bound once, nobody listens: stale
-    stale = os.lstat(d.socket).st_ino
-    start_ready(d)
+    start_ready(d)  # the driver answers at the path, so the socket there is its own
     try:
+        # (Not compared by inode: the filesystem may give the new socket the stale one's
+        # freed inode number, as ext4 did here once.)
         st = os.lstat(d.socket)
-        assert stat.S_ISSOCK(st.st_mode) and st.st_ino != stale
+        assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
         assert st.st_uid == os.geteuid()
         assert "removed stale socket" in d.log()
