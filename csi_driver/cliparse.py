@@ -1,5 +1,7 @@
 """Command-line parsing shared by `thinloop-csi` and `thinloopctl`: misuse is one line
-naming the command and pointing at its --help, never a usage dump or a traceback."""
+naming the command and pointing at its --help, never a usage dump or a traceback.
+
+A foundation module (serving's flags and ops' thinloopctl both use it); it imports no layer."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 them ("create.after_image=kill,stage.after_attach=error"), which only tests set.
 
 Actions: kill (SIGKILL this process, as a crash would), error (raise an internal error),
-stop (SIGSTOP this process until the test sends SIGCONT: an operation held half-way)."""
+stop (SIGSTOP this process until the test sends SIGCONT: an operation held half-way).
+
+A foundation module: the model and the CSI faces hit failpoints; it imports no layer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""stdlib logging with a plain-text or JSON line format."""
+"""stdlib logging with a plain-text or JSON line format, for thinloop-csi and thinloopctl.
+
+A foundation module: it imports no layer."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The operator's tool, thinloopctl, and what it is made of: the CSI client, node status,
-doctor, orphans, the datastore commands, the group snapshot labeller and the demo.
+"""The operator's tool, thinloopctl (ctl), and what it is made of: the CSI client (client),
+what a command returns (outcome), doctor, orphans, the datastore commands (dsctl,
+dsstatus), the group snapshot labeller (grouplabels) and the demo (demo).
 
-May import: the volume model and the host (read paths, and the careful removals of
-orphans and trim), the client, the foundation modules. Never the CSI faces or serving:
-thinloopctl talks to a driver through its socket."""
+May import: the volume model and the host (read paths, and the careful removals of orphans
+and trim), the foundation modules. Never the CSI faces or serving: thinloopctl talks to a
+driver through its socket."""

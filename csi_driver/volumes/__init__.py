@@ -1,8 +1,10 @@
-"""The volume model on disk: the store (directories and meta.json are the only record),
-the mechanics of one volume on the host (image, loop device, filesystem, mounts, health,
-growth, removal), snapshots and group snapshots, keys in flight, the data dir's lock and
-start-up recovery. The shared datastore's model is its own subpackage
-(csi_driver.volumes.datastore).
+"""The volume model on disk: the store, where directories and meta.json are the only
+record (store), one volume's mechanics on the host: image, loop device, filesystem,
+mounts, health, growth, removal (lifecycle), snapshots and volume group snapshots
+(snapshots, groupsnapshots, grouprecords), what a volume is made with (params), keys in
+flight (inflight), the data dir's lock (datalock), readiness, node status and start-up
+recovery's host steps (readiness, status, recovery). The shared datastore's model is a
+subpackage of its own beneath the mechanics (csi_driver.volumes.datastore).
 
 May import: the host (csi_driver.host) and the foundation modules. Never the CSI faces,
 serving or ops."""

@@ -10,6 +10,7 @@ the demo, install-deps.sh) are checked one way, from the docs to the scripts' pa
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,3 +272,67 @@ def test_the_license_pyproject_declares_is_there_verbatim() -> None:
     # The Apache License 2.0 as the ASF publishes it (Debian: /usr/share/common-licenses/Apache-2.0).
     assert hashlib.sha256(text).hexdigest() == "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
     assert "License" in TEXT["README.md"].split("## License", 1)[1]
+
+
+# -- files and modules the docs name --------------------------------------------------------
+
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"}
+
+
+def repo_files() -> set[str]:
+    """Every file of the checkout, as a path from its root."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        rel = Path(dirpath).relative_to(ROOT)
+        out |= {(rel / f).as_posix() for f in filenames}
+    return out
+
+
+FILES = repo_files()
+PY_NAME = re.compile(r"(?<![\w./-])((?:[\w-]+/)*\w+\.py)(?![\w/])")
+MODULE_NAME = re.compile(r"\bcsi_driver(?:\.\w+)+")
+
+
+def names_a_file(path: str) -> bool:
+    """A path from the root, a path under csi_driver/ (docs/architecture.md writes them so),
+    or a bare file name that some file of the checkout has."""
+    if "/" in path:
+        return path in FILES or f"csi_driver/{path}" in FILES
+    return any(f == path or f.endswith("/" + path) for f in FILES)
+
+
+def test_every_python_file_the_docs_name_exists() -> None:
+    named = {(doc, m) for doc, text in TEXT.items() for span in code_spans(text) for m in PY_NAME.findall(span)}
+    assert named, "the check checks nothing"
+    missing = sorted((doc, path) for doc, path in named if not names_a_file(path))
+    assert not missing, f"files named in the docs that the checkout does not have: {missing}"
+
+
+def module_file(dotted: str) -> str | None:
+    base = dotted.replace(".", "/")
+    for candidate in (f"{base}.py", f"{base}/__init__.py"):
+        if candidate in FILES:
+            return candidate
+    return None
+
+
+def names_a_module(dotted: str) -> bool:
+    """csi_driver.<package>.<module>, or that followed by one name the module defines."""
+    parts = dotted.split(".")
+    if module_file(dotted):
+        return True
+    module = module_file(".".join(parts[:-1]))
+    return module is not None and re.search(rf"^(def |class |){parts[-1]}\b", (ROOT / module).read_text(),
+                                            re.M) is not None
+
+
+def test_every_module_the_docs_and_docstrings_name_exists() -> None:
+    """csi_driver.<package>.<module>[.<name>] in the docs and in the code's own prose."""
+    sources = [*TEXT.items(), *((p.relative_to(ROOT).as_posix(), p.read_text())
+                                for d in ("csi_driver", "benchmarks", "scripts") for p in (ROOT / d).rglob("*.py")
+                                if "proto" not in p.parts)]
+    named = {(where, dotted) for where, text in sources for dotted in MODULE_NAME.findall(text)}
+    assert named, "the check checks nothing"
+    wrong = sorted((where, dotted) for where, dotted in named if not names_a_module(dotted))
+    assert not wrong, f"modules (or names in them) that do not exist: {wrong}"
