@@ -21,6 +21,10 @@ SHARED_DRIVER_NAME = "shared.thinloop.csi.io"
 """The default name in shared mode: its CSIDriver says attachRequired: true, so it is a
 second driver beside the node-local one."""
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+DEFAULT_FREEZE_POLL_SECONDS = 0.5
+"""csi_driver.dsfreeze.DEFAULT_POLL_SECONDS (not imported: settings know no model)."""
+DEFAULT_FREEZE_HOLD_SECONDS = 300.0
+"""csi_driver.dsfreeze.DEFAULT_HOLD_SECONDS."""
 DEFAULT_ENDPOINT = "unix:///run/thinloop/csi.sock"
 DEFAULT_DATA_DIR = "/var/lib/thinloop"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
@@ -71,6 +75,10 @@ class Settings:
     (the topology value of topology.thinloop.csi.io/datastore). Empty: node-local mode."""
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     """Shared mode: how often a node driver rewrites its record in the datastore."""
+    freeze_poll_seconds: float = DEFAULT_FREEZE_POLL_SECONDS
+    """Shared mode, node: how often the driver reads its freeze requests (csi_driver.dsfreeze)."""
+    freeze_hold_seconds: float = DEFAULT_FREEZE_HOLD_SECONDS
+    """Shared mode, controller: how long a node may keep a filesystem frozen for one copy."""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Where each setting came from: the flag (`--data-dir`) or its variable
     (`THINLOOP_DATA_DIR`), so that an error found later names what the operator set."""
@@ -202,6 +210,14 @@ FLAGS = (
     Flag("--heartbeat-seconds", str(DEFAULT_HEARTBEAT_SECONDS).removesuffix(".0"),
          "shared mode: how often a node driver rewrites its record in the datastore (a node silent for "
          "three of these is shown as not alive)", "SECONDS"),
+    Flag("--freeze-poll-seconds", str(DEFAULT_FREEZE_POLL_SECONDS),
+         "shared mode, node: how often the driver reads the datastore for requests to freeze a volume "
+         "it has attached (one directory read); a snapshot of a volume in use waits up to this long for "
+         "the freeze, and its writers up to this long more for the thaw", "SECONDS"),
+    Flag("--freeze-hold-seconds", str(DEFAULT_FREEZE_HOLD_SECONDS).removesuffix(".0"),
+         "shared mode, controller: how long a node may keep a volume's filesystem frozen for one "
+         "snapshot, clone or group snapshot; a copy that takes longer is discarded and the call fails "
+         "(UNAVAILABLE, retried)", "SECONDS"),
 )
 
 
@@ -280,6 +296,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         raise bad("datastore", "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with "
                   "a letter or digit (it is a topology label value)")
     heartbeat = number("heartbeat_seconds", float, lambda v: 0.1 <= v <= 3600, "between 0.1 and 3600")
+    freeze_poll = number("freeze_poll_seconds", float, lambda v: 0.01 <= v <= 60, "between 0.01 and 60")
+    freeze_hold = number("freeze_hold_seconds", float, lambda v: 1 <= v <= 86400, "between 1 and 86400")
     driver_name = values["driver_name"] or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
     if not _valid_driver_name(driver_name):
         raise bad("driver_name", "must be a DNS-style name of at most 63 characters "
@@ -308,6 +326,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         worker_idle_seconds=idle,
         datastore=datastore,
         heartbeat_seconds=heartbeat,
+        freeze_poll_seconds=freeze_poll,
+        freeze_hold_seconds=freeze_hold,
         sources=sources,
     )
 

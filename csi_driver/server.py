@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from . import baton
+from . import baton, dsfreeze
 from .config import Settings
 from .controller import ControllerService
 from .datalock import CONTROLLERS_LOCK, LOCK_FILE, DataDirLock, DataDirLocked
 from .datastore import Datastore, DatastoreError, Heartbeat, NodeRecord, check_marker
 from .dscaps import Capabilities
+from .dsfreeze import FreezeServer
 from .errors import status_of
 from .fencing import NodeFences
 from .groupcontroller import GroupControllerService
@@ -161,6 +162,9 @@ class Driver:
     controllers_lock: DataDirLock | None = None
     """Shared mode, controller: the shared lock every controller of the datastore holds
     (csi_driver.datalock.CONTROLLERS_LOCK)."""
+    freezer: FreezeServer | None = None
+    """Shared mode, node: serves the controller's requests to freeze volumes attached here
+    (a thread of this process, started with the heartbeat)."""
 
     @classmethod
     def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
@@ -208,6 +212,8 @@ class Driver:
             actions += self.recover_unfinished()
         elif self.settings.runs_controller:
             actions += self.recover_as_controller()
+        if shared and self.settings.runs_node:
+            actions += self.recover_freezes()  # records early thaws before thaw_frozen thaws
         if not shared or self.settings.runs_node:
             actions += self.thaw_frozen()
         if shared and self.settings.runs_node:
@@ -241,17 +247,21 @@ class Driver:
         except OSError as exc:
             raise DatastoreError(f"cannot lock {lock.path}: {exc.strerror or exc}") from None
         self.controllers_lock = lock
+        assert self.datastore is not None
+        swept = dsfreeze.sweep(self.datastore)  # requests nobody holds: safe with others running
         if not lock.exclusive_while_alone():
-            return ["unfinished work on the datastore left to a controller that starts alone: "
+            return [*swept, "unfinished work on the datastore left to a controller that starts alone: "
                     "another controller is running"]
         try:
-            return self.recover_unfinished()
+            return swept + self.recover_unfinished()
         finally:
             lock.back_to_shared()
 
     def close(self) -> None:
         """Let go of what the driver holds on the datastore (shared mode): the node record
         says stopped and the node-id lock goes; the controllers' lock goes."""
+        if self.freezer is not None:
+            self.freezer.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         if self.controllers_lock is not None:
@@ -263,7 +273,8 @@ class Driver:
         assert self.datastore is not None
         record = NodeRecord(self.settings.node_id, self.settings.datastore,
                             interval=self.settings.heartbeat_seconds,
-                            max_volumes_per_node=self.settings.max_volumes_per_node)
+                            max_volumes_per_node=self.settings.max_volumes_per_node,
+                            freeze_poll=self.settings.freeze_poll_seconds)
         self.heartbeat = Heartbeat(self.datastore.nodes, record)
         self.heartbeat.register()
         return [f"registered node {self.settings.node_id} in datastore {self.settings.datastore}"]
@@ -278,6 +289,14 @@ class Driver:
         self.heartbeat.on_beat.append(fences.release_retaken)
         self.fences = fences
         return actions
+
+    def recover_freezes(self) -> list[str]:
+        """The freeze server of this node (csi_driver.dsfreeze), and the early thaws its
+        previous run leaves to record."""
+        assert self.datastore is not None and self.oslayer is not None and self.store is not None
+        self.freezer = dsfreeze.FreezeServer(self.settings.node_id, self.datastore, self.store, self.oslayer,
+                                             self.inflight, self.fenced, self.settings.freeze_poll_seconds)
+        return self.freezer.recover()
 
     def thaw_frozen(self) -> list[str]:
         """A crash between a snapshot's freeze and thaw leaves the volume's filesystem
@@ -411,6 +430,8 @@ def serve(settings: Settings, driver: Driver | None = None,
             driver.start_workers(settings.workers)  # before any thread starts: it forks
         if driver.heartbeat is not None:
             driver.heartbeat.start()
+        if driver.freezer is not None:
+            driver.freezer.start()
         try:
             return _serve(settings, driver, recovered, ready)
         finally:
