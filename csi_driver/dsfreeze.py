@@ -34,7 +34,9 @@ One freeze, as the controller runs it (FreezeClient.frozen):
 4. check, in this order: (a) no `.thawed` record of the request; (b) the request and the ack are
    still in place; (c) the attachment record still gives that node the same generation.
    Any of them failing discards the copy: UNAVAILABLE, retried by the CO;
-5. withdraw the request (unlink, then let go of its lock): the node thaws at its next poll.
+5. withdraw the request (unlink, then let go of its lock): the node thaws at its next poll,
+   then removes its ack, which the controller waits for (as long as for the ack; a node
+   that does not say so in time is logged, the copy stands).
 
 Why (a) then (b) proves the copy was taken while frozen: the node writes `.thawed` before it
 thaws early, and removes its `.thawed` and `.ack` only after the request is gone (withdrawn by
@@ -261,6 +263,7 @@ class FreezeClient:
         finally:
             for s in reversed(sent):
                 s.withdraw()
+            self._await_thaws(sent)
 
     def _check_node(self, t: Target) -> None:
         nodes = self.datastore.nodes
@@ -337,6 +340,31 @@ class FreezeClient:
                                           f"request to freeze volume {s.target.volume_id}; retry once it runs")
             with baton.blocking():
                 time.sleep(_ACK_CHECK_SECONDS)
+
+    def _await_thaws(self, sent: list[_Sent]) -> None:
+        """After the withdrawal: wait (as long as for an ack) until every node that froze has
+        thawed, which it says by removing its ack after the thaw, so that the call returns
+        with the filesystems thawed and the nodes' in-flight keys let go, as a node-local
+        snapshot does. A node that does not say so in time is logged, not failed: the copy
+        does not depend on it (the node thaws at its next poll, or its restart does)."""
+        waiting = [s for s in sent if s.ack is not None and s.ack.state in (FROZEN, SYNCED)]
+        deadline = time.monotonic() + max((s.wait for s in waiting), default=0.0)
+        try:
+            while waiting:
+                with baton.blocking():  # a directory read goes to the server (no cached entries)
+                    listed = {d: set(_listdir(d)) for d in {s.dir for s in waiting}}
+                waiting = [s for s in waiting if f"{s.request_id}{ACK}" in listed[s.dir]
+                           and self.datastore.nodes.lock_state(s.target.node_id) != imagelock.FREE]
+                if not waiting or time.monotonic() > deadline:
+                    break
+                with baton.blocking():
+                    time.sleep(_ACK_CHECK_SECONDS)
+        except OSError as exc:
+            log.warning("cannot see whether the nodes thawed: %s", exc)
+            return
+        for s in waiting:
+            log.warning("freeze %s: node %s has not said within %g s that it thawed volume %s; it does at its "
+                        "next poll", s.request_id, s.target.node_id, s.wait, s.target.volume_id)
 
     @staticmethod
     def _answered(s: _Sent) -> None:
