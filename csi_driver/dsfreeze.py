@@ -253,7 +253,6 @@ class FreezeClient:
         try:
             for t in ordered:
                 sent.append(self._send(t))
-            failpoints.hit("freeze.after_request")
             self._wait(sent)
             failpoints.hit("freeze.after_ack")
             for s in sent:

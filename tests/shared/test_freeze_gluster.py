@@ -320,12 +320,14 @@ def test_the_hold_expires_while_the_controller_is_stopped(cluster: Cluster, tmp_
     down(cluster, "a", p)
 
 
-def test_the_controller_killed_mid_copy(cluster: Cluster, tmp_path: Path) -> None:
-    """kill -9 of the controller while node a holds the freeze (failpoint copy.while_frozen):
-    node a sees the request's lock go, records the early thaw and thaws at once (not after
-    the 300 s hold); the restarted controller removes the partial copy; the retry restores
-    consistent and complete."""
-    ctl, vid, p = setup(cluster, ctl_env={"THINLOOP_FAILPOINTS": "copy.while_frozen=kill"})
+@pytest.mark.parametrize("failpoint", ["freeze.after_ack", "copy.while_frozen"])
+def test_the_controller_killed_while_frozen(cluster: Cluster, tmp_path: Path, failpoint: str) -> None:
+    """kill -9 of the controller while node a holds the freeze, before the copy
+    (freeze.after_ack) or after it, before its checks (copy.while_frozen): node a sees the
+    request's lock go, records the early thaw and thaws at once (not after the 300 s hold);
+    the restarted controller removes the partial copy; the retry restores consistent and
+    complete."""
+    ctl, vid, p = setup(cluster, ctl_env={"THINLOOP_FAILPOINTS": f"{failpoint}=kill"})
     with writing(tmp_path, p) as w:
         with pytest.raises(grpc.RpcError):
             snapshot(ctl, "again", vid)
