@@ -28,8 +28,9 @@ One freeze, as the controller runs it (FreezeClient.frozen):
 1. check that the node's driver runs (its node-id lock is held) and serves freeze requests (its
    record has a poll period); write the request, locked;
 2. wait for the ack, at most ACK_GRACE_SECONDS plus two of the node's poll periods (its driver
-   stopping meanwhile fails at once); a refusal, or no answer, fails the call (UNAVAILABLE,
-   naming the node) after withdrawing the request;
+   stopping meanwhile fails at once); a refusal, or no answer, fails the call (UNAVAILABLE
+   naming the node; FAILED_PRECONDITION when the node refuses for good) after withdrawing
+   the request;
 3. drop this host's cached pages of the image and copy (the caller's block);
 4. check, in this order: (a) no `.thawed` record of the request; (b) the request and the ack are
    still in place; (c) the attachment record still gives that node the same generation.
