@@ -746,7 +746,7 @@ def pending(datastore: Datastore) -> list[PendingFreeze]:
                     ack = _build(FreezeAck, ack_raw)
                     state = f"refused: {ack.reason}" if ack.state == REFUSED else ack.state
             locked = _request_locked(where / f"{rid}{REQUEST}")
-            note = "" if locked else "no controller holds it: removed at that node's next poll"
+            note = "" if locked else "no controller holds it: removed at that node's next poll, or a controller's start"
             out.append(PendingFreeze(node, req.volume_id, rid, state,
                                      f"{req.controller or '?'} ({'holds it' if locked else 'gone'})",
                                      req.hold_seconds,
