@@ -212,8 +212,8 @@ FLAGS = (
          "three of these is shown as not alive)", "SECONDS"),
     Flag("--freeze-poll-seconds", str(DEFAULT_FREEZE_POLL_SECONDS),
          "shared mode, node: how often the driver reads the datastore for requests to freeze a volume "
-         "it has attached (one directory read); a snapshot of a volume in use waits up to this long for "
-         "the freeze, and its writers up to this long more for the thaw", "SECONDS"),
+         "it has attached (one directory read; every 0.05 s while it holds a freeze); a snapshot of a "
+         "volume in use waits up to this long for the freeze", "SECONDS"),
     Flag("--freeze-hold-seconds", str(DEFAULT_FREEZE_HOLD_SECONDS).removesuffix(".0"),
          "shared mode, controller: how long a node may keep a volume's filesystem frozen for one "
          "snapshot, clone or group snapshot; a copy that takes longer is discarded and the call fails "

@@ -49,7 +49,8 @@ copy began: the node acks only after FIFREEZE returned (the freeze flushed the f
 through the loop device to the datastore, REQ_OP_FLUSH reaching fsync of the image).
 
 One freeze, as the node serves it (FreezeServer.poll, from a thread of the driver's first
-process, every `poll_seconds`: one directory read when idle):
+process, every `poll_seconds`: one directory read when idle; every HELD_POLL_SECONDS while it
+holds a freeze, so that the writers' pause ends soon after the copy):
 
 - a new request with its lock held: take the volume's in-flight key (so NodeUnstage,
   NodeUnpublish and NodeExpand wait: ABORTED, retried by kubelet), check the attachment record
@@ -107,6 +108,9 @@ DEFAULT_POLL_SECONDS = 0.5
 """How often a node reads its freeze directory (--freeze-poll-seconds)."""
 DEFAULT_HOLD_SECONDS = 300.0
 """How long a node may keep a filesystem frozen for one request (--freeze-hold-seconds)."""
+HELD_POLL_SECONDS = 0.05
+"""How often a node reads its freeze directory while it holds a freeze: the writers wait
+until it sees the request withdrawn, so the pause ends soon after the copy."""
 ACK_GRACE_SECONDS = 10.0
 """How long the controller waits for an ack, on top of two of the node's poll periods."""
 _ACK_CHECK_SECONDS = 0.05
@@ -485,7 +489,7 @@ class FreezeServer:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while not self._stop.wait(min(HELD_POLL_SECONDS, self.poll_seconds) if self.held else self.poll_seconds):
             try:
                 self.poll()
             except Exception:
