@@ -50,5 +50,11 @@ class Unimplemented(DriverError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unavailable(DriverError):
+    """Transient: the call may succeed when retried (gRPC UNAVAILABLE)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Internal(DriverError):
     code = grpc.StatusCode.INTERNAL

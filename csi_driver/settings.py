@@ -20,6 +20,10 @@ SHARED_DRIVER_NAME = "shared.thinloop.csi.io"
 """The default name in shared mode: its CSIDriver says attachRequired: true, so it is a
 second driver beside the node-local one."""
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+DEFAULT_FREEZE_POLL_SECONDS = 0.5
+"""csi_driver.volumes.datastore.freeze.DEFAULT_POLL_SECONDS (not imported: settings know no model)."""
+DEFAULT_FREEZE_HOLD_SECONDS = 300.0
+"""csi_driver.volumes.datastore.freeze.DEFAULT_HOLD_SECONDS."""
 DEFAULT_ENDPOINT = "unix:///run/thinloop/csi.sock"
 DEFAULT_DATA_DIR = "/var/lib/thinloop"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
@@ -70,6 +74,11 @@ class Settings:
     (the topology value of topology.thinloop.csi.io/datastore). Empty: node-local mode."""
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     """Shared mode: how often a node driver rewrites its record in the datastore."""
+    freeze_poll_seconds: float = DEFAULT_FREEZE_POLL_SECONDS
+    """Shared mode, node: how often the driver reads its freeze requests
+    (csi_driver.volumes.datastore.freeze)."""
+    freeze_hold_seconds: float = DEFAULT_FREEZE_HOLD_SECONDS
+    """Shared mode, controller: how long a node may keep a filesystem frozen for one copy."""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Where each setting came from: the flag (`--data-dir`) or its variable
     (`THINLOOP_DATA_DIR`), so that an error found later names what the operator set."""

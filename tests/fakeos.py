@@ -139,6 +139,9 @@ class FakeOS:
     def thaw(self, mount_point: str) -> None:
         self.frozen.discard(mount_point)
 
+    def sync_device(self, device: str) -> None:
+        self.calls.append(("sync", device))
+
     def copy_image(self, source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
         shutil.copyfile(source, dest)
 

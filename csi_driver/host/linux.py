@@ -549,6 +549,15 @@ class HostOS:
     def thaw(self, mount_point: str) -> None:
         self.runner.run(["fsfreeze", "--unfreeze", mount_point], timeout=60)
 
+    def sync_device(self, device: str) -> None:
+        # fsync of a block device node writes its page cache and sends a cache flush down;
+        # the loop driver turns that into fsync of the image (drivers/block/loop.c, lo_req_flush).
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def trim(self, mount_point: str) -> int:
         res = self.runner.run(["fstrim", "-v", mount_point])
         m = re.search(r"\((\d+) bytes\) trimmed", res.stdout)

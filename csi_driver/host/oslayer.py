@@ -145,6 +145,11 @@ class OSLayer(Protocol):
 
     def thaw(self, mount_point: str) -> None: ...
 
+    def sync_device(self, device: str) -> None:
+        """Write a block device's dirty pages and flush it (fsync(2) of the device node):
+        what a raw block volume gets instead of a freeze."""
+        ...
+
     def copy_image(self, source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
         """Copy an image; sparse keeps holes, shared reflinks where the host filesystem
         can (thick copies want neither)."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..volumes.datastore.freeze import pending
 from ..volumes.datastore.records import Datastore, DatastoreError, init_marker
 from .dsstatus import NodeStatus, ReleaseRefused, holdings, nodes, open_datastore, release
 from .outcome import EXIT_FOUND, EXIT_NOT_FOUND, EXIT_UNCHANGED, EXIT_USAGE, Failure, Outcome, table
@@ -41,16 +42,22 @@ def cmd_init(a: argparse.Namespace) -> Outcome:
 def cmd_holders(a: argparse.Namespace) -> Outcome:
     ds = _open(a)
     rows = holdings(ds)
-    noted = any(r.note for r in rows)
+    freezes = pending(ds)
+    noted = any(r.note for r in rows) or any(f.note for f in freezes)
     code = EXIT_FOUND if noted else 0  # something that does not add up: look at it
     if a.output != "table":
         return Outcome({"datastore": ds.name, "volumes": [r.to_dict() for r in rows],
-                        "nodes": [n.to_dict() for n in nodes(ds)]}, code)
+                        "nodes": [n.to_dict() for n in nodes(ds)],
+                        "freeze_requests": [f.to_dict() for f in freezes]}, code)
     shown = [{"volume": r.volume, "attached_to": "; ".join(r.attached_to) or "-", "lock": r.lock,
               "holders": "; ".join(r.holders) or "-", "note": r.note} for r in rows]
     lines = [f"datastore {ds.name} at {ds.root}",
              table(shown, ["volume", "attached_to", "lock", "holders", "note"]), "",
              "NODES", _nodetable(nodes(ds))]
+    if freezes:
+        lines += ["", "FREEZE REQUESTS",
+                  table([f.to_dict() for f in freezes],
+                         ["node", "volume", "state", "controller", "hold_seconds", "requested", "note"])]
     return Outcome("\n".join(lines), code)
 
 
@@ -114,8 +121,10 @@ def add_commands(sub: Any, command: Callable[..., argparse.ArgumentParser], data
                "is that datastore; refused (exit 2) for another name or a directory with volumes.")
     sp.add_argument("--name", required=True, help="the datastore's name: the drivers' --datastore")
     local("holders", cmd_holders, "every volume: the node it is attached to, its image lock, the nodes "
-          "that say they hold it; and the node drivers",
-          "Exit 3 when something does not add up (the note column says what).")
+          "that say they hold it; the node drivers; pending freeze requests",
+          "Freeze requests are the controller's asks to a node to freeze a volume it has attached, "
+          "for a snapshot or clone (shown while pending, with the node's answer). Exit 3 when "
+          "something does not add up (the note column says what).")
     local("nodes", cmd_nodes, "the node drivers registered in the datastore, their heartbeat and lock")
     sp = local("release", cmd_release, "remove a fenced node's attachment of a volume, so that another "
                "node can attach it",

@@ -16,8 +16,10 @@ from ..host.linux import HostOS, sector_size_for
 from ..host.oslayer import OSLayer
 from ..settings import Settings
 from ..volumes.datalock import CONTROLLERS_LOCK, DataDirLock, DataDirLocked
+from ..volumes.datastore import freeze
 from ..volumes.datastore.capabilities import Capabilities
 from ..volumes.datastore.fencing import NodeFences
+from ..volumes.datastore.freeze import FreezeServer
 from ..volumes.datastore.records import Datastore, DatastoreError, Heartbeat, NodeRecord, check_marker
 from ..volumes.groupsnapshots import GroupSnapshots
 from ..volumes.inflight import InFlight, driver_keys
@@ -64,6 +66,9 @@ class Driver:
     controllers_lock: DataDirLock | None = None
     """Shared mode, controller: the shared lock every controller of the datastore holds
     (csi_driver.volumes.datalock.CONTROLLERS_LOCK)."""
+    freezer: FreezeServer | None = None
+    """Shared mode, node: serves the controller's requests to freeze volumes attached here
+    (a thread of this process, started with the heartbeat)."""
 
     @classmethod
     def build(cls, settings: Settings, oslayer: OSLayer | None = None) -> Driver:
@@ -111,6 +116,8 @@ class Driver:
             actions += self.recover_unfinished()
         elif self.settings.runs_controller:
             actions += self.recover_as_controller()
+        if shared and self.settings.runs_node:
+            actions += self.recover_freezes()  # records early thaws before thaw_frozen thaws
         if not shared or self.settings.runs_node:
             actions += thaw_frozen(self.store, self.oslayer) if self.oslayer is not None else []
         if shared and self.settings.runs_node:
@@ -144,17 +151,21 @@ class Driver:
         except OSError as exc:
             raise DatastoreError(f"cannot lock {lock.path}: {exc.strerror or exc}") from None
         self.controllers_lock = lock
+        assert self.datastore is not None
+        swept = freeze.sweep(self.datastore)  # requests nobody holds: safe with others running
         if not lock.exclusive_while_alone():
-            return ["unfinished work on the datastore left to a controller that starts alone: "
+            return [*swept, "unfinished work on the datastore left to a controller that starts alone: "
                     "another controller is running"]
         try:
-            return self.recover_unfinished()
+            return swept + self.recover_unfinished()
         finally:
             lock.back_to_shared()
 
     def close(self) -> None:
         """Let go of what the driver holds on the datastore (shared mode): the node record
         says stopped and the node-id lock goes; the controllers' lock goes."""
+        if self.freezer is not None:
+            self.freezer.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         if self.controllers_lock is not None:
@@ -166,10 +177,19 @@ class Driver:
         assert self.datastore is not None
         record = NodeRecord(self.settings.node_id, self.settings.datastore,
                             interval=self.settings.heartbeat_seconds,
-                            max_volumes_per_node=self.settings.max_volumes_per_node)
+                            max_volumes_per_node=self.settings.max_volumes_per_node,
+                            freeze_poll=self.settings.freeze_poll_seconds)
         self.heartbeat = Heartbeat(self.datastore.nodes, record)
         self.heartbeat.register()
         return [f"registered node {self.settings.node_id} in datastore {self.settings.datastore}"]
+
+    def recover_freezes(self) -> list[str]:
+        """The freeze server of this node (csi_driver.volumes.datastore.freeze), and the
+        early thaws its previous run leaves to record."""
+        assert self.datastore is not None and self.oslayer is not None and self.store is not None
+        self.freezer = freeze.FreezeServer(self.settings.node_id, self.datastore, self.store, self.oslayer,
+                                           self.inflight, self.fenced, self.settings.freeze_poll_seconds)
+        return self.freezer.recover()
 
     def recover_fences(self) -> list[str]:
         """The image lock of every loop device here backed by the datastore (fencing.py)."""

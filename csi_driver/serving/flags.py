@@ -19,6 +19,8 @@ from ..settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_DRIVER_NAME,
     DEFAULT_ENDPOINT,
+    DEFAULT_FREEZE_HOLD_SECONDS,
+    DEFAULT_FREEZE_POLL_SECONDS,
     DEFAULT_HEARTBEAT_SECONDS,
     DEFAULT_KUBELET_DIR,
     DEFAULT_WORKER_IDLE_SECONDS,
@@ -91,6 +93,14 @@ FLAGS = (
     Flag("--heartbeat-seconds", str(DEFAULT_HEARTBEAT_SECONDS).removesuffix(".0"),
          "shared mode: how often a node driver rewrites its record in the datastore (a node silent for "
          "three of these is shown as not alive)", "SECONDS"),
+    Flag("--freeze-poll-seconds", str(DEFAULT_FREEZE_POLL_SECONDS),
+         "shared mode, node: how often the driver reads the datastore for requests to freeze a volume "
+         "it has attached (one directory read; every 0.05 s while it holds a freeze); a snapshot of a "
+         "volume in use waits up to this long for the freeze", "SECONDS"),
+    Flag("--freeze-hold-seconds", str(DEFAULT_FREEZE_HOLD_SECONDS).removesuffix(".0"),
+         "shared mode, controller: how long a node may keep a volume's filesystem frozen for one "
+         "snapshot, clone or group snapshot; a copy that takes longer is discarded and the call fails "
+         "(UNAVAILABLE, retried)", "SECONDS"),
 )
 
 
@@ -169,6 +179,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         raise bad("datastore", "must be 1-63 letters, digits, '-', '_' or '.', starting and ending with "
                   "a letter or digit (it is a topology label value)")
     heartbeat = number("heartbeat_seconds", float, lambda v: 0.1 <= v <= 3600, "between 0.1 and 3600")
+    freeze_poll = number("freeze_poll_seconds", float, lambda v: 0.01 <= v <= 60, "between 0.01 and 60")
+    freeze_hold = number("freeze_hold_seconds", float, lambda v: 1 <= v <= 86400, "between 1 and 86400")
     driver_name = values["driver_name"] or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
     if not _valid_driver_name(driver_name):
         raise bad("driver_name", "must be a DNS-style name of at most 63 characters "
@@ -197,6 +209,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
         worker_idle_seconds=idle,
         datastore=datastore,
         heartbeat_seconds=heartbeat,
+        freeze_poll_seconds=freeze_poll,
+        freeze_hold_seconds=freeze_hold,
         sources=sources,
     )
 

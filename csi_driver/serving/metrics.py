@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import __version__
@@ -76,6 +76,32 @@ class NodeCollector(Collector):
         for volume in sorted(self.driver.fenced):
             split.add_metric([node, name, volume], 1)
         yield split
+        yield from self._freezes(node, name)
+
+    def _freezes(self, node: str, name: str) -> Iterable[Metric]:
+        """Shared mode, node: the controller's freeze requests this node served
+        (csi_driver.volumes.datastore.freeze), its early thaws, and what it holds frozen now."""
+        freezer = self.driver.freezer
+        served = CounterMetricFamily(f"{NAMESPACE}_datastore_freeze_requests",
+                                     "Requests to freeze a volume attached here for a controller's copy, "
+                                     "by answer: frozen, synced (raw block), refused.",
+                                     labels=["node", "datastore", "outcome"])
+        thaws = CounterMetricFamily(f"{NAMESPACE}_datastore_auto_thaws",
+                                    "Filesystems this node thawed before the controller withdrew its request "
+                                    "(the copy is then discarded), by reason.",
+                                    labels=["node", "datastore", "reason"])
+        held = GaugeMetricFamily(f"{NAMESPACE}_datastore_frozen_volumes",
+                                 "Volumes this node holds frozen (or flushed, raw block) for a controller now.",
+                                 labels=["node", "datastore"])
+        if freezer is not None:
+            for outcome, count in freezer.stats.served.items():
+                served.add_metric([node, name, outcome], count)
+            for reason, count in freezer.stats.auto_thaws.items():
+                thaws.add_metric([node, name, reason], count)
+            held.add_metric([node, name], len(freezer.held))
+        yield served
+        yield thaws
+        yield held
 
     def _readiness(self, node: str) -> Iterable[Metric]:
         try:

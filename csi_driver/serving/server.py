@@ -111,6 +111,8 @@ def serve(settings: Settings, driver: Driver | None = None,
             driver.start_workers(settings.workers)  # before any thread starts: it forks
         if driver.heartbeat is not None:
             driver.heartbeat.start()
+        if driver.freezer is not None:
+            driver.freezer.start()
         try:
             return _serve(settings, driver, recovered, ready)
         finally:

@@ -28,12 +28,14 @@ the record; a crash part way is finished at start-up.
 Raw block members cannot be frozen: their copies are only as consistent as their writer
 keeps the device (the README says so).
 
-Shared mode (a datastore): the members are any volumes of the datastore, and the rule of a
-single snapshot holds for each (Volumes.frozen): a member attached here is frozen; one
-attached nowhere or read-only is held under a shared image lock for the copies; a member
-another node has attached read-write (whose filesystem only that node could freeze) makes
-the whole call FAILED_PRECONDITION, naming every such member, before anything is copied
-(the temporary directories already made are removed).
+Shared mode (a datastore): the members are any volumes of the datastore, and each is held
+as its single snapshot would be (Volumes.frozen): a member attached here is frozen here; one
+attached nowhere or read-only is held under a shared image lock for the copies; one another
+node has attached read-write is frozen by that node at this driver's request
+(csi_driver.volumes.datastore.freeze: all requests written in the order of the volume ids and all answered
+before anything is frozen here or copied). A node that cannot freeze, or that thawed before
+the copies were done, fails the whole call (UNAVAILABLE, naming it) and every copy is
+removed, as for any failure.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from ..host.runner import CommandError
 from ..settings import Settings
 from .datastore import imagelock
 from .datastore.capabilities import Capabilities
+from .datastore.freeze import FreezeClient, Target
 from .datastore.records import Datastore, Holder
 from .params import VolumeParams, check_reclaim
 from .store import TRASH_PREFIX, Entry, Meta, Store, create_image, extend, fsync_path, room_for
@@ -164,6 +165,8 @@ class Volumes:
         """Shared mode: the datastore's records; images are then attached under a lock."""
         self.caps = caps
         """Shared mode: what the datastore's filesystem can do (None: assume everything)."""
+        self.freezes = FreezeClient(datastore, settings.freeze_hold_seconds) if datastore is not None else None
+        """Shared mode: asks the node that has a volume attached to freeze it for a copy."""
 
     @property
     def where(self) -> str:
@@ -263,7 +266,8 @@ class Volumes:
         makes it; the README says so.) The copy is made for `diskformat`: thin keeps
         holes and shares blocks (reflink) where it can; a thick copy gets blocks of its
         own, and an eagerzeroedthick one has every byte written. Shared mode: see
-        `frozen` (the copy holds a shared lock on a source not attached by this node)."""
+        `frozen` (a source no node has attached read-write is copied under a shared lock;
+        one that a node has is frozen by that node)."""
         with self.frozen([source]):
             self.os.copy_image(source.image, dest, sparse=diskformat != "eagerzeroedthick",
                                shared=diskformat == "thin")
@@ -281,46 +285,57 @@ class Volumes:
         filesystem: Documentation/filesystems/vfs.rst, freeze_fs).
 
         Shared mode: an entry this node has not attached may be attached on another node,
-        whose filesystem only that node could freeze. For the whole block each such entry
-        is held under a shared lock on its image (csi_driver.volumes.datastore.imagelock), so no node can
-        attach it read-write meanwhile, and this host's cached pages of it are dropped
-        first (they may predate what a node wrote through its own client). Entries that
-        another node has attached read-write (their images locked exclusively) are
-        refused, all named in one FAILED_PRECONDITION, before anything is frozen."""
-        points: list[str] = []
-        failed = False
-        guards = self._copy_guards(entries)
+        whose filesystem only that node can freeze. An entry that no client holds
+        read-write is held under a shared lock on its image (csi_driver.volumes.datastore.imagelock) for the
+        whole block, so no node can attach it read-write meanwhile, and this host's cached
+        pages of it are dropped first (they may predate what a node wrote through its own
+        client). An entry that a node has attached read-write (its image locked exclusively)
+        is frozen by that node at this driver's request, through the datastore
+        (csi_driver.volumes.datastore.freeze): all such requests are answered before anything is frozen here,
+        and when the block ends this checks that no node thawed early, else it raises
+        UNAVAILABLE (the copy made in the block is not consistent). An entry locked by a
+        client that no attachment record names is refused (FAILED_PRECONDITION), all named
+        in one error, before anything is frozen."""
+        guards, remote = self._copy_guards(entries)
         try:
-            for entry in entries:
-                point = self.fs_mount_point(self.usage(entry))
-                if point and point not in points:
-                    self.os.freeze(point)
-                    points.append(point)
-            yield points
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            first: BaseException | None = None
-            for point in reversed(points):
+            with self.freezes.frozen(remote) if remote and self.freezes is not None else nullcontext():
+                points: list[str] = []
+                failed = False
                 try:
-                    self.os.thaw(point)
-                except Exception as exc:  # thaw the rest whatever one of them did
-                    log.error("cannot thaw %s: %s", point, exc)
-                    first = first or exc
+                    for entry in entries:
+                        point = self.fs_mount_point(self.usage(entry))
+                        if point and point not in points:
+                            self.os.freeze(point)
+                            points.append(point)
+                    yield points
+                except BaseException:
+                    failed = True
+                    raise
+                finally:
+                    first: BaseException | None = None
+                    for point in reversed(points):
+                        try:
+                            self.os.thaw(point)
+                        except Exception as exc:  # thaw the rest whatever one of them did
+                            log.error("cannot thaw %s: %s", point, exc)
+                            first = first or exc
+                    if first is not None and not failed:
+                        raise first
+        finally:
             for fd in guards:
                 os.close(fd)
-            if first is not None and not failed:
-                raise first
 
-    def _copy_guards(self, entries: Sequence[Entry]) -> list[int]:
-        """Shared mode: a shared lock on the image of each entry this node's driver has not
-        attached itself (see `frozen`), taken in the order given; the descriptors that hold
-        them. FAILED_PRECONDITION naming every entry some client has locked exclusively
-        (attached read-write), holding none. Node-local mode: none."""
-        if self.datastore is None:
-            return []
+    def _copy_guards(self, entries: Sequence[Entry]) -> tuple[list[int], list[Target]]:
+        """Shared mode: for each entry this node's driver has not attached itself (see
+        `frozen`), in the order given, a shared lock on its image, or, when a client holds it
+        exclusively, the node whose attachment record names it read-write (to be asked to
+        freeze it). Returns the descriptors holding the locks and those nodes' targets.
+        FAILED_PRECONDITION naming every entry locked by a client no record names, holding
+        none. Node-local mode: nothing."""
+        if self.datastore is None or self.freezes is None:
+            return [], []
         guards: list[int] = []
+        remote: list[Target] = []
         refused: list[str] = []
         try:
             for entry in entries:
@@ -329,21 +344,25 @@ class Volumes:
                 try:
                     fd = imagelock.open_locked(entry.image, readonly=True, direct=False)
                 except imagelock.LockHeld:
-                    held = self.datastore.holders.describe(entry.id) or "a node the records do not name"
-                    refused.append(f"{entry.id} (attached read-write on {held})")
+                    target = self.freezes.target(entry.id, entry.image)
+                    if target is not None:
+                        remote.append(target)
+                    else:
+                        held = self.datastore.holders.describe(entry.id) or "a client the records do not name"
+                        refused.append(f"{entry.id} (locked read-write by {held}, without an attachment "
+                                       "that names one node read-write)")
                     continue
                 guards.append(fd)
                 imagelock.drop_cache(fd)
             if refused:
                 raise FailedPrecondition(
-                    f"volume(s) {'; '.join(refused)}: a filesystem can only be frozen on the node that "
-                    "has it attached, so a copy taken now would not be consistent; snapshot or clone "
-                    "while detached or attached read-only")
+                    f"volume(s) {'; '.join(refused)}: a filesystem can only be frozen on the node that has it "
+                    "attached, and no node can be asked, so a copy taken now would not be consistent")
         except BaseException:
             for fd in guards:
                 os.close(fd)
             raise
-        return guards
+        return guards, remote
 
     def _build_from(self, image: Path, source: Entry, size: int, params: VolumeParams) -> None:
         self.copy_consistent(source, image, params.diskformat)

@@ -394,23 +394,28 @@ def test_expand_on_the_controller_then_the_node(cluster: Cluster) -> None:
     down(cluster, "a", p)
 
 
-def test_snapshot_of_an_attached_volume_waits_for_detach_and_restores_elsewhere(cluster: Cluster) -> None:
+def test_snapshot_of_an_attached_volume_restores_elsewhere(cluster: Cluster) -> None:
+    """A snapshot while a has the volume attached (a freezes it at the controller's request:
+    tests/shared/test_freeze_gluster.py has the busy cases), and one after it is detached
+    (copied under a shared lock, with the controller's cached pages dropped first): both
+    restore on b with a's data."""
     ctl = three(cluster)
     vid = create(ctl, "snapped")
     p = up(cluster, "a", vid, publish(ctl, vid, "a"))
-    digest = write_data(p, DATA)
-    req = csi_pb2.CreateSnapshotRequest(name="snap1", source_volume_id=vid)
-    assert code_of(ctl.controller.CreateSnapshot, req) == grpc.StatusCode.FAILED_PRECONDITION
+    digest = write_data(p)
+    ctl.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="while-attached", source_volume_id=vid))
     down(cluster, "a", p)
     unpublish(ctl, vid, "a")
-    ctl.controller.CreateSnapshot(req)
-    restore = csi_pb2.CreateVolumeRequest(name="restored", volume_capabilities=[cap("ext4")],
-                                          capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE))
-    restore.volume_content_source.snapshot.snapshot_id = "snap1"
-    rid = ctl.controller.CreateVolume(restore).volume.volume_id
-    p = up(cluster, "b", rid, publish(ctl, rid, "b"))
-    assert read_sum(p, DATA) == digest
-    down(cluster, "b", p)
+    ctl.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="detached", source_volume_id=vid))
+    for snap in ("while-attached", "detached"):
+        restore = csi_pb2.CreateVolumeRequest(name=f"restored-{snap}", volume_capabilities=[cap("ext4")],
+                                              capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE))
+        restore.volume_content_source.snapshot.snapshot_id = snap
+        rid = ctl.controller.CreateVolume(restore).volume.volume_id
+        r = up(cluster, "b", rid, publish(ctl, rid, "b"))
+        assert read_sum(r) == digest, snap
+        down(cluster, "b", r)
+        unpublish(ctl, rid, "b")
 
 
 def test_thinloopctl_shows_holders_and_releases_only_a_fenced_node(cluster: Cluster, run_ctl: Ctl) -> None:

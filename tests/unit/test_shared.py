@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +62,13 @@ class SharedRig:
         (tmp / f"run-{node_id}").mkdir(exist_ok=True)
         self.settings = Settings(socket_path=tmp / f"run-{node_id}" / "csi.sock", node_id=node_id, data_dir=data,
                                  kubelet_dir=self.kubelet, mode=mode, datastore="ds1",
-                                 driver_name=SHARED_DRIVER_NAME, max_volumes_per_node=max_volumes)
+                                 driver_name=SHARED_DRIVER_NAME, max_volumes_per_node=max_volumes,
+                                 freeze_poll_seconds=0.02)
         self.os = FakeOS()
         self.driver = Driver.build(self.settings, oslayer=self.os)
         self.driver.recover()
+        if self.driver.freezer is not None:
+            self.driver.freezer.start()  # as serve() does: the node answers freeze requests
         assert self.driver.volumes is not None
         self.ctrl = ControllerService(self.settings, self.driver.volumes, self.driver.snapshots, self.driver.inflight)
         self.node = NodeService(self.settings, self.driver.volumes, self.driver.inflight, self.driver.fenced)
@@ -118,6 +123,12 @@ def datastore_at(data: Path) -> Path:
 
 @pytest.fixture
 def rigs(tmp_path: Path, data: Path) -> Iterator[dict[str, SharedRig]]:
+    with three_rigs(tmp_path, data) as made:
+        yield made
+
+
+@contextmanager
+def three_rigs(tmp_path: Path, data: Path) -> Iterator[dict[str, SharedRig]]:
     """A controller ("ctl", mode controller) and two nodes a and b over one data dir."""
     made: dict[str, SharedRig] = {}
     datastore_at(data)
@@ -427,20 +438,23 @@ def test_delete_refused_while_another_client_holds_the_image(rigs: dict[str, Sha
     try:
         with pytest.raises(FailedPrecondition, match="in use"):
             rigs["ctl"].ctrl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="v1"), CTX)
-        with pytest.raises(FailedPrecondition, match="can only be frozen on the node"):
+        with pytest.raises(FailedPrecondition, match="no node can be asked"):
             rigs["ctl"].ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s1", source_volume_id="v1"), CTX)
     finally:
         os.close(fd)
     rigs["ctl"].ctrl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s1", source_volume_id="v1"), CTX)
 
 
-def test_group_snapshot_follows_the_single_snapshot_rule(tmp_path: Path, rigs: dict[str, SharedRig],
-                                                        data: Path) -> None:
+def test_group_snapshot_freezes_each_member_where_it_is_attached(tmp_path: Path, rigs: dict[str, SharedRig],
+                                                                 data: Path) -> None:
     """Shared mode, a driver that is controller and node ("c"): a member staged on this node
-    is frozen for the copies; one attached nowhere is copied under a shared image lock;
-    one that another node has attached read-write is refused with FAILED_PRECONDITION
-    naming it and that node, leaving no snapshot, group or lock behind."""
+    is frozen here for the copies; one attached nowhere is copied under a shared image lock;
+    one that node a has attached read-write is frozen by node a, at c's request through the
+    datastore, for all the copies, and thawed after. A member whose node does not answer
+    (its driver is gone) refuses the call with UNAVAILABLE naming it and that node, leaving
+    no snapshot, group, request or lock behind."""
     from csi_driver.csi.groupcontroller import GroupControllerService
+    from csi_driver.errors import Unavailable
     c = SharedRig(tmp_path, data, "c", mode="all")
     try:
         assert c.driver.groups is not None
@@ -453,7 +467,8 @@ def test_group_snapshot_follows_the_single_snapshot_rule(tmp_path: Path, rigs: d
         copy = c.os.copy_image
 
         def watched(source: Path, dest: Path, *, sparse: bool = True, shared: bool = True) -> None:
-            seen[source.parent.name] = (set(c.os.frozen), image_lock(data, source.parent.name))
+            seen[source.parent.name] = (set(c.os.frozen), set(rigs["a"].os.frozen),
+                                        image_lock(data, source.parent.name))
             copy(source, dest, sparse=sparse, shared=shared)
 
         c.os.copy_image = watched  # type: ignore[method-assign]
@@ -462,23 +477,45 @@ def test_group_snapshot_follows_the_single_snapshot_rule(tmp_path: Path, rigs: d
             return group.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
                 name=name, source_volume_ids=list(vids)), CTX).group_snapshot
 
-        with pytest.raises(FailedPrecondition) as refused:
-            cut("g1", "here", "idle", "busy")
-        assert "busy (attached read-write on node a" in str(refused.value) and "idle" not in str(refused.value)
-        assert seen == {} and c.os.frozen == set()
-        assert not any((data / "snapshots").iterdir()) and image_lock(data, "idle") == imagelock.FREE
-        made = cut("g2", "here", "idle")
-        assert made.ready_to_use and len(made.snapshots) == 2
-        staging = c.staging("here")
-        assert seen["here"] == ({staging}, imagelock.EXCLUSIVE)  # frozen here, under this node's own lock
-        assert seen["idle"] == ({staging}, imagelock.SHARED)  # held under a shared lock for the copy
+        made = cut("g1", "here", "idle", "busy")
+        assert made.ready_to_use and len(made.snapshots) == 3
+        here, busy = {c.staging("here")}, {rigs["a"].staging("busy")}
+        # every copy is made with both filesystems frozen: c's own, and a's at c's request
+        assert seen["busy"] == (here, busy, imagelock.EXCLUSIVE)  # under a's own lock (its loop device)
+        assert seen["here"] == (here, busy, imagelock.EXCLUSIVE)
+        assert seen["idle"] == (here, busy, imagelock.SHARED)  # held under a shared lock for the copy
         assert c.os.frozen == set() and image_lock(data, "idle") == imagelock.FREE
-        rigs["a"].unstage("busy")
+        assert not rigs["a"].os.frozen and freeze_files(data) == []  # a thawed before the call returned
+        # node a's driver goes away: nobody can freeze "busy", so nothing is copied
+        seen.clear()
+        rigs["a"].close()
+        with pytest.raises(Unavailable) as refused:
+            cut("g2", "here", "idle", "busy")
+        assert "volume busy is attached read-write to node a" in str(refused.value)
+        assert "driver is not running" in str(refused.value)
+        assert seen == {} and c.os.frozen == set()
+        assert sorted(p.name for p in (data / "snapshots").iterdir()) == [m.snapshot_id for m in made.snapshots]
+        assert image_lock(data, "idle") == imagelock.FREE
+        assert freeze_files(data) == []
+        rigs["a"].unstage("busy")  # (kubelet on a, with the driver back)
         assert cut("g3", "busy").ready_to_use  # detached: copied under a shared lock
         with pytest.raises(NotFound, match="datastore ds1"):
             cut("g4", "here", "ghost")
     finally:
         c.close()
+
+
+def freeze_files(data: Path) -> list[str]:
+    """The freeze requests and answers in the datastore (csi_driver.volumes.datastore.freeze)."""
+    return sorted(str(p.relative_to(data)) for p in (data / "freeze").rglob("*") if p.is_file())
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Poll a condition another thread makes true; fail (not flake) only after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def test_controller_expand_grows_the_image(rigs: dict[str, SharedRig], data: Path) -> None:

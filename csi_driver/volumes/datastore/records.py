@@ -256,6 +256,9 @@ class NodeRecord:
     interval: float = 10.0
     """Seconds between beats."""
     max_volumes_per_node: int = 0
+    freeze_poll: float = 0.0
+    """Seconds between the driver's reads of its freeze requests (csi_driver.volumes.datastore.freeze); 0: it
+    serves none (a driver from before they existed)."""
     state: str = "running"
     """running, or stopped after a graceful shutdown."""
 
