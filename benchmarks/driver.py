@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from csi_driver.settings import grpc_target
 
 from .common import ROOT, BenchError
 
@@ -63,9 +64,9 @@ class LocalDriver:
         deadline = t0 + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"driver did not start; see {self.root / 'driver.log'}")
+                raise BenchError(f"driver did not start: {self.log_tail()}")
             time.sleep(0.002)
-        channel = grpc.insecure_channel(self.endpoint)
+        channel = grpc.insecure_channel(grpc_target(self.socket))
         try:
             stub = csi_pb2_grpc.IdentityStub(channel)
             while True:
@@ -76,10 +77,18 @@ class LocalDriver:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise BenchError(f"driver never answered Probe ready; see {self.root / 'driver.log'}")
+                    raise BenchError(f"driver never answered Probe ready: {self.log_tail()}")
                 time.sleep(0.005)
         finally:
             channel.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The driver log's last lines, for an error raised before the run's temp dir goes."""
+        try:
+            text = (self.root / "driver.log").read_text(errors="replace").strip().splitlines()
+        except OSError as exc:
+            return f"no driver log ({exc.strerror})"
+        return " | ".join(text[-lines:]) or "driver log is empty"
 
     @property
     def pid(self) -> int:

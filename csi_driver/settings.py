@@ -122,6 +122,16 @@ MAX_SOCKET_PATH_BYTES = 107
 """sun_path in struct sockaddr_un holds 108 bytes, the last one the terminating NUL (unix(7))."""
 
 
+def grpc_target(path: Path | str) -> str:
+    """The gRPC address of the unix socket at absolute `path`, to bind or dial: `unix:/path`.
+
+    Not `unix:///path`: gRPC C-core (grpcio 1.85) parses that form as a URI and refuses a
+    path of 106 or 107 bytes that the kernel accepts ("Path name should not have more than
+    107 characters"), while `unix:/path` holds the whole MAX_SOCKET_PATH_BYTES
+    (tests/unit/test_config.py binds and dials one at the limit)."""
+    return f"unix:{path}"
+
+
 def socket_path_from_endpoint(endpoint: str, source: str = "--endpoint") -> Path:
     """Accept unix:///abs/path (or a bare absolute path) and return the path. The same rules
     serve the driver and thinloopctl, so a client refuses what the server would refuse.

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,18 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     leaked = kernel.cleanup(tmp_path)
     if leaked and HAVE_KERNEL:
         pytest.fail(f"test left kernel objects behind: {leaked}")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path (/tmp/tl-XXXXXXXX), for unix sockets made under it: a
+    socket path holds at most 107 bytes, and pytest's own tmp_path grows with its run
+    counter (pytest-9 to pytest-10 is one byte more) and the test's name."""
+    path = Path(tempfile.mkdtemp(prefix="tl-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

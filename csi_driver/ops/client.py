@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from ..proto import csi_pb2, csi_pb2_grpc
+from ..settings import grpc_target, socket_path_from_endpoint
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 
@@ -35,8 +36,7 @@ class CsiClient:
 
     @classmethod
     def connect(cls, endpoint: str, timeout: float = 10.0) -> CsiClient:
-        target = endpoint if endpoint.startswith("unix:") else f"unix://{endpoint}"
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(grpc_target(socket_path_from_endpoint(endpoint)))
         grpc.channel_ready_future(channel).result(timeout=timeout)
         return cls(channel, csi_pb2_grpc.IdentityStub(channel), csi_pb2_grpc.ControllerStub(channel),
                    csi_pb2_grpc.NodeStub(channel), csi_pb2_grpc.SnapshotMetadataStub(channel),

@@ -17,7 +17,7 @@ import grpc
 from ..csi.identity import IdentityService
 from ..csi.snapmeta import SnapshotMetadataService
 from ..proto import csi_pb2_grpc
-from ..settings import Settings
+from ..settings import Settings, grpc_target
 from ..volumes.datalock import LOCK_FILE, DataDirLock, DataDirLocked
 from ..volumes.datastore.records import DatastoreError
 from .driver import Driver
@@ -138,7 +138,7 @@ def _serve(settings: Settings, driver: Driver, recovered: list[str],
     server = make_server(driver)
     old_umask = os.umask(0o077)
     try:
-        if server.add_insecure_port(f"unix://{path}") == 0:
+        if server.add_insecure_port(grpc_target(path)) == 0:
             raise StartupError(f"cannot listen on {path}")
         server.start()
     finally:

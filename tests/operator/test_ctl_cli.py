@@ -21,6 +21,7 @@ import pytest
 
 from csi_driver.ops import ctl
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from csi_driver.settings import grpc_target
 from tests.operator.conftest import Ctl
 
 GIB = 1 << 30
@@ -84,7 +85,7 @@ class Fake:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         csi_pb2_grpc.add_IdentityServicer_to_server(Identity(), self.server)
         csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, self.server)
-        self.server.add_insecure_port(f"unix://{path}")
+        self.server.add_insecure_port(grpc_target(path))
         self.server.start()
 
     @property

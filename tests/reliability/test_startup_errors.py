@@ -17,6 +17,8 @@ import pytest
 
 from csi_driver.serving import preflight
 from csi_driver.serving.flags import FLAGS, parse_settings
+from csi_driver.settings import MAX_SOCKET_PATH_BYTES
+from tests.conftest import Driver
 from tests.operator.test_doctor import path_without
 
 pytestmark = pytest.mark.root
@@ -181,3 +183,31 @@ def test_help_gives_meaning_default_and_variable_of_every_flag() -> None:
     version = subprocess.run([sys.executable, "-m", "csi_driver", "--version"], capture_output=True,
                              text=True, check=True)
     assert version.stdout.strip() == "thinloop-csi 0.1.0"
+
+
+@dataclass
+class DriverAt(Driver):
+    """The test driver on a socket path of our choosing."""
+
+    at: Path = Path("/nonexistent")
+
+    @property
+    def socket(self) -> Path:
+        return self.at
+
+
+def test_a_socket_path_at_the_limit_is_served_and_dialled(workdir: Path, short_tmp: Path) -> None:
+    """A socket path of exactly MAX_SOCKET_PATH_BYTES passes the check, and then the driver
+    binds it and thinloopctl reaches it: the limit the check applies is the one gRPC keeps
+    (its unix:/// URI form stops two bytes short; settings.grpc_target)."""
+    prefix = f"{short_tmp}/run/"
+    sock = Path(prefix + "s" * (MAX_SOCKET_PATH_BYTES - len(os.fsencode(prefix))))
+    assert len(os.fsencode(str(sock))) == MAX_SOCKET_PATH_BYTES
+    drv = DriverAt(workdir, at=sock).start()
+    try:
+        res = subprocess.run([sys.executable, "-m", "csi_driver.ops.ctl", "--endpoint", f"unix://{sock}",
+                              "info"], capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, (res.stderr, drv.log())
+        assert "ready" in res.stdout
+    finally:
+        drv.shutdown()

@@ -479,7 +479,7 @@ def test_csi_sanity_in_shared_mode_on_glusterfs(cluster: Cluster) -> None:
     print(line)
 
 
-def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: Path) -> None:
+def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: Path, short_tmp: Path) -> None:
     """A tiny run of `bench.py shared` on three of this datastore's clients (no timing
     assertions): it moves a volume, runs fio both ways, and removes what it made."""
     from tests.integration.test_bench_smoke import load_bench
@@ -487,7 +487,7 @@ def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: P
     dirs = ",".join(str(cluster.data(h)) for h in ("ctl", "a", "b"))
     out = tmp_path / "shared.json"
     rc = load_bench().main(["shared", "--datastore-dirs", dirs, "--moves", "2", "--runtime", "1", "--rounds", "1",
-                            "--size", "64Mi", "--file-size", "16Mi", "--base-dir", str(tmp_path / "bench"),
+                            "--size", "64Mi", "--file-size", "16Mi", "--base-dir", str(short_tmp / "bench"),
                             "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())["result"]
@@ -497,7 +497,7 @@ def test_bench_shared_mode_runs_and_leaves_nothing(cluster: Cluster, tmp_path: P
     assert set(res["jobs"]) == {"randread_4k", "randwrite_4k", "seqwrite_1m"}
     assert res["filesystem"] == "fuse.glusterfs"
     assert [p.name for p in cluster.data("ctl").iterdir()] == [], "the run removes its data"
-    assert not any((tmp_path / "bench").iterdir())
+    assert not any((short_tmp / "bench").iterdir())
 
 
 def test_readers_on_two_nodes_never_beside_a_writer(cluster: Cluster) -> None:
