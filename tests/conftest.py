@@ -67,7 +67,12 @@ class Driver:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log, env={**os.environ, **self.env})
         log.close()
-        wait_for_socket(str(self.socket))
+        try:
+            wait_for_socket(str(self.socket))
+        except TimeoutError as exc:  # nothing left running; the driver's own words in the failure
+            self.kill()
+            tail = "\n".join(self.log().splitlines()[-20:])
+            raise TimeoutError(f"{exc}; the driver's log ends:\n{tail}") from None
         return self
 
     @property
