@@ -21,9 +21,13 @@ SHARED_DRIVER_NAME = "shared.thinloop.csi.io"
 second driver beside the node-local one."""
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 DEFAULT_FREEZE_POLL_SECONDS = 0.5
-"""csi_driver.volumes.datastore.freeze.DEFAULT_POLL_SECONDS (not imported: settings know no model)."""
+"""Shared mode: how often a node reads its freeze requests (csi_driver.volumes.datastore.freeze)."""
+FREEZE_HELD_POLL_SECONDS = 0.05
+"""... and how often while it holds a freeze: the writers wait until it sees the request go."""
 DEFAULT_FREEZE_HOLD_SECONDS = 300.0
-"""csi_driver.volumes.datastore.freeze.DEFAULT_HOLD_SECONDS."""
+"""Shared mode: how long a node may keep a filesystem frozen for one request."""
+MAX_FREEZE_HOLD_SECONDS = 86400.0
+"""The most --freeze-hold-seconds takes, and the most a node grants a request."""
 DEFAULT_ENDPOINT = "unix:///run/thinloop/csi.sock"
 DEFAULT_DATA_DIR = "/var/lib/thinloop"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"

@@ -19,7 +19,6 @@ from ..volumes.datalock import CONTROLLERS_LOCK, DataDirLock, DataDirLocked
 from ..volumes.datastore import freeze
 from ..volumes.datastore.capabilities import Capabilities
 from ..volumes.datastore.fencing import NodeFences
-from ..volumes.datastore.freeze import FreezeServer
 from ..volumes.datastore.records import Datastore, DatastoreError, Heartbeat, NodeRecord, check_marker
 from ..volumes.groupsnapshots import GroupSnapshots
 from ..volumes.inflight import InFlight, driver_keys
@@ -66,7 +65,7 @@ class Driver:
     controllers_lock: DataDirLock | None = None
     """Shared mode, controller: the shared lock every controller of the datastore holds
     (csi_driver.volumes.datalock.CONTROLLERS_LOCK)."""
-    freezer: FreezeServer | None = None
+    freezer: freeze.FreezeServer | None = None
     """Shared mode, node: serves the controller's requests to freeze volumes attached here
     (a thread of this process, started with the heartbeat)."""
 

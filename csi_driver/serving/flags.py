@@ -25,8 +25,10 @@ from ..settings import (
     DEFAULT_KUBELET_DIR,
     DEFAULT_WORKER_IDLE_SECONDS,
     DEFAULT_WORKERS,
+    FREEZE_HELD_POLL_SECONDS,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_FREEZE_HOLD_SECONDS,
     MAX_WORKERS,
     MODES,
     SHARED_DRIVER_NAME,
@@ -95,8 +97,8 @@ FLAGS = (
          "three of these is shown as not alive)", "SECONDS"),
     Flag("--freeze-poll-seconds", str(DEFAULT_FREEZE_POLL_SECONDS),
          "shared mode, node: how often the driver reads the datastore for requests to freeze a volume "
-         "it has attached (one directory read; every 0.05 s while it holds a freeze); a snapshot of a "
-         "volume in use waits up to this long for the freeze", "SECONDS"),
+         f"it has attached (one directory read; every {FREEZE_HELD_POLL_SECONDS:g} s while it holds a freeze); a "
+         "snapshot of a volume in use waits up to this long for the freeze", "SECONDS"),
     Flag("--freeze-hold-seconds", str(DEFAULT_FREEZE_HOLD_SECONDS).removesuffix(".0"),
          "shared mode, controller: how long a node may keep a volume's filesystem frozen for one "
          "snapshot, clone or group snapshot; a copy that takes longer is discarded and the call fails "
@@ -180,7 +182,8 @@ def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None
                   "a letter or digit (it is a topology label value)")
     heartbeat = number("heartbeat_seconds", float, lambda v: 0.1 <= v <= 3600, "between 0.1 and 3600")
     freeze_poll = number("freeze_poll_seconds", float, lambda v: 0.01 <= v <= 60, "between 0.01 and 60")
-    freeze_hold = number("freeze_hold_seconds", float, lambda v: 1 <= v <= 86400, "between 1 and 86400")
+    freeze_hold = number("freeze_hold_seconds", float, lambda v: 1 <= v <= MAX_FREEZE_HOLD_SECONDS,
+                         f"between 1 and {MAX_FREEZE_HOLD_SECONDS:g}")
     driver_name = values["driver_name"] or (SHARED_DRIVER_NAME if datastore else DEFAULT_DRIVER_NAME)
     if not _valid_driver_name(driver_name):
         raise bad("driver_name", "must be a DNS-style name of at most 63 characters "

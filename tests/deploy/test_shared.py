@@ -274,7 +274,7 @@ def test_controller_through_a_claim(tmp_path: Path) -> None:
     assert pv["spec"]["claimRef"] == {"namespace": NAMESPACE, "name": "thinloop-datastore"}
     assert claim["spec"]["volumeName"] == pv["metadata"]["name"]
     assert claim["spec"]["accessModes"] == pv["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert {"vers=4.2", "hard"} <= set(pv["spec"]["mountOptions"])
+    assert {"vers=4.2", "hard", "lookupcache=none", "acdirmin=0", "acdirmax=0"} <= set(pv["spec"]["mountOptions"])
     # The chart's controllerVolume renders the same workloads.
     values = chart_values(DEFAULTS, controllerVolume={"persistentVolumeClaim": {"claimName": "thinloop-datastore"}})
     chart = render_chart(values)

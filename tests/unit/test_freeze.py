@@ -19,7 +19,7 @@ import pytest
 
 from csi_driver.errors import FailedPrecondition, NotFound, Unavailable
 from csi_driver.proto import csi_pb2
-from csi_driver.volumes.datastore import freeze as dsfreeze
+from csi_driver.volumes.datastore import freeze
 from csi_driver.volumes.datastore.freeze import FreezeClient, FreezeServer
 from csi_driver.volumes.datastore.records import Datastore
 from csi_driver.volumes.recovery import thaw_frozen
@@ -146,7 +146,7 @@ def test_a_node_that_does_not_answer_is_named_and_a_late_freeze_is_undone(
     client = FreezeClient(Datastore.open("ds1", data), hold_seconds=60)
     target = client.target("v1", data / "volumes" / "v1" / "disk.img")
     assert target is not None
-    sent = client._send(target)
+    sent = client._send(target, 0.02)
     server.poll()
     assert a.os.frozen == {a.staging("v1")}
     sent.withdraw()
@@ -232,8 +232,8 @@ def test_a_node_driver_restarted_while_frozen_records_the_thaw_first(
     client = ctl.driver.volumes.freezes
     target = client.target("v1", data / "volumes" / "v1" / "disk.img")
     assert target is not None
-    freeze = client.frozen([target])
-    freeze.__enter__()
+    held = client.frozen([target])
+    held.__enter__()
     try:
         assert a.os.frozen == {a.staging("v1")}
         old._stop.set()  # "kill -9": no thaw
@@ -249,10 +249,10 @@ def test_a_node_driver_restarted_while_frozen_records_the_thaw_first(
             h.keys.close()  # what the dead process held went with it (not the freeze)
         old.held.clear()
     except BaseException:
-        freeze.__exit__(None, None, None)
+        held.__exit__(None, None, None)
         raise
     with pytest.raises(Unavailable, match="the node's driver restarted"):
-        freeze.__exit__(None, None, None)
+        held.__exit__(None, None, None)
     assert a.driver.store is not None
     assert thaw_frozen(a.driver.store, a.os)  # the server's recovery, after the record
     assert a.os.frozen == set()
@@ -272,7 +272,7 @@ def test_a_graceful_stop_records_and_thaws(attached: dict[str, SharedRig], data:
         assert a.os.frozen == set()
         assert any(f.endswith(".thawed") for f in freeze_files(data))
     assert freeze_files(data) != []  # the node is gone: its answers wait for a controller's start-up
-    swept = dsfreeze.sweep(Datastore.open("ds1", data))
+    swept = freeze.sweep(Datastore.open("ds1", data))
     assert freeze_files(data) == [] and len(swept) == 1
 
 
@@ -331,7 +331,7 @@ def test_an_attachment_that_changed_is_refused_for_now(attached: dict[str, Share
     client = ctl.driver.volumes.freezes
     target = client.target("v1", data / "volumes" / "v1" / "disk.img")
     assert target is not None
-    stale = dsfreeze.Target("v1", "a", target.generation + 5, target.incarnation, target.image)
+    stale = freeze.Target("v1", "a", target.generation + 5, target.incarnation, target.image)
     with pytest.raises(Unavailable, match="now gives this node generation 1, not the request's generation 6"), \
             client.frozen([stale]):
         pass
@@ -373,8 +373,8 @@ def test_thinloopctl_shows_pending_requests_and_a_controller_start_sweeps_the_ab
     assert client is not None
     target = client.target("v1", data / "volumes" / "v1" / "disk.img")
     assert target is not None
-    live = client._send(target)
-    dead = client._send(target)
+    live = client._send(target, 0.02)
+    dead = client._send(target, 0.02)
     os.close(dead.fd)  # its controller is gone
     try:
         assert thinloopctl.main(["-o", "json", "datastore", "holders", "--data-dir", str(data)]) == thinloopctl.EXIT_FOUND
@@ -385,7 +385,7 @@ def test_thinloopctl_shows_pending_requests_and_a_controller_start_sweeps_the_ab
         assert rows[dead.request_id]["controller"].endswith("(gone)") and "no controller" in rows[dead.request_id]["note"]
         assert thinloopctl.main(["datastore", "holders", "--data-dir", str(data)]) == thinloopctl.EXIT_FOUND
         assert "FREEZE REQUESTS" in capsys.readouterr().out
-        swept = dsfreeze.sweep(Datastore.open("ds1", data))
+        swept = freeze.sweep(Datastore.open("ds1", data))
         assert swept == [f"removed freeze request {dead.request_id} to node a: its controller is gone"]
         assert freeze_files(data) == [f"freeze/a/{live.request_id}.request"]
     finally:
@@ -422,3 +422,107 @@ def test_fake_os_sync_is_recorded() -> None:
     fake = FakeOS()
     fake.sync_device("/dev/loop3")
     assert fake.calls == [("sync", "/dev/loop3")]
+
+
+def test_a_thaw_that_fails_is_tried_again_and_holds_the_volume_until_it_works(
+        attached: dict[str, SharedRig], data: Path) -> None:
+    """fsfreeze --unfreeze failing does not drop the held entry: the filesystem is still
+    frozen, so the volume's in-flight key stays taken (NodeUnstage waits), the ack stays
+    (the controller and `datastore holders` see it held) and every poll tries again."""
+    from csi_driver.errors import Aborted
+    from csi_driver.host.runner import CommandError
+    ctl, a = attached["ctl"], attached["a"]
+    server = a.driver.freezer
+    assert server is not None and ctl.driver.volumes is not None and ctl.driver.volumes.freezes is not None
+    ctl.driver.volumes.freezes.ack_grace = 0.2
+    broken = threading.Event()
+    broken.set()
+    tries: list[str] = []
+    thaw = a.os.thaw
+
+    def failing_thaw(mount_point: str) -> None:
+        tries.append(mount_point)
+        if broken.is_set():
+            raise CommandError(["fsfreeze", "--unfreeze", mount_point], 1, "injected")
+        thaw(mount_point)
+
+    a.os.thaw = failing_thaw  # type: ignore[method-assign]
+    assert snapshot(ctl, "s1", "v1").ready_to_use  # the copy was made frozen: it stands
+    wait_until(lambda: len(tries) >= 3)
+    assert a.os.frozen == {a.staging("v1")} and list(server.held)
+    assert any(f.endswith(".ack") for f in freeze_files(data))
+    with pytest.raises(Aborted), a.driver.inflight.hold("vol:v1"):
+        pass
+    broken.clear()
+    wait_until(lambda: not server.held and freeze_files(data) == [])
+    assert a.os.frozen == set()
+    with a.driver.inflight.hold("vol:v1"):
+        pass
+
+
+def test_the_volume_stays_held_when_the_node_fails_after_it_froze(
+        attached: dict[str, SharedRig], data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after the freeze (here right after the ack is written) must not let go of
+    the volume's in-flight key while the filesystem is frozen: the held entry owns it."""
+    from csi_driver.errors import Aborted
+    ctl, a = attached["ctl"], attached["a"]
+    monkeypatch.setattr(freeze.failpoints, "_ACTIVE", {"freeze.node.after_ack": "error"})
+
+    def key_taken(_src: Path) -> bool:
+        try:
+            with a.driver.inflight.hold("vol:v1"):
+                return False
+        except Aborted:
+            return True
+
+    seen = watch_copies(ctl, key_taken)
+    assert snapshot(ctl, "s1", "v1").ready_to_use
+    assert seen == [True]
+    wait_until(lambda: a.driver.freezer is not None and not a.driver.freezer.held and freeze_files(data) == [])
+    assert a.os.frozen == set()
+
+
+def test_a_request_the_node_cannot_read_is_refused_and_the_others_are_served(
+        attached: dict[str, SharedRig], data: Path) -> None:
+    """A malformed request (sorted before v1's) gets a lasting refusal; it neither stops the
+    poll nor comes back at the next one."""
+    from csi_driver.volumes.datastore import imagelock
+    ctl = attached["ctl"]
+    where = data / "freeze" / "a"
+    where.mkdir(parents=True, exist_ok=True)
+    bad = where / "a0@bad.request"
+    bad.write_text("{not json")
+    fd = os.open(bad, os.O_RDWR | os.O_CLOEXEC)  # held, as a live controller holds its request
+    try:
+        assert imagelock.try_lock(fd, exclusive=True)
+        assert snapshot(ctl, "s1", "v1").ready_to_use
+        wait_until(lambda: (where / "a0@bad.ack").exists())
+        ack = json.loads((where / "a0@bad.ack").read_text())
+        assert ack["state"] == "refused" and ack["lasting"] is True
+    finally:
+        os.close(fd)
+    bad.unlink()
+    wait_until(lambda: freeze_files(data) == [])
+
+
+def test_a_datastore_hiccup_after_the_node_check_leaves_no_request(
+        attached: dict[str, SharedRig], data: Path) -> None:
+    """The node's record is read once, before any request is written: a read of it failing
+    later cannot leave a request (and a frozen filesystem) behind a failed call."""
+    ctl, a = attached["ctl"], attached["a"]
+    nodes = ctl.driver.datastore.nodes if ctl.driver.datastore is not None else None
+    assert nodes is not None
+    get = nodes.get
+    calls: list[str] = []
+
+    def flaky_get(node_id: str) -> Any:
+        calls.append(node_id)
+        if len(calls) > 1:
+            raise OSError(5, "injected EIO")
+        return get(node_id)
+
+    nodes.get = flaky_get  # type: ignore[method-assign]
+    assert snapshot(ctl, "s1", "v1").ready_to_use
+    assert calls == ["a"]
+    wait_until(lambda: a.driver.freezer is not None and not a.driver.freezer.held and freeze_files(data) == [])
+    assert a.os.frozen == set()

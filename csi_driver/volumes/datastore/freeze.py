@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -84,6 +83,12 @@ from ... import failpoints
 from ...errors import Aborted, FailedPrecondition, Internal, InvalidArgument, Unavailable
 from ...host.oslayer import OSLayer
 from ...host.runner import CommandError
+from ...settings import (
+    DEFAULT_FREEZE_HOLD_SECONDS,
+    DEFAULT_FREEZE_POLL_SECONDS,
+    FREEZE_HELD_POLL_SECONDS,
+    MAX_FREEZE_HOLD_SECONDS,
+)
 from ..inflight import InFlight
 from ..store import IMAGE, TMP_PREFIX, Store, fsync_path
 from . import imagelock
@@ -105,11 +110,11 @@ _WHY = {HOLD_EXPIRED: "the hold expired before the controller withdrew its reque
         DRIVER_RESTARTED: "the node's driver restarted while the filesystem was frozen",
         DRIVER_STOPPED: "the node's driver was stopped while the filesystem was frozen"}
 
-DEFAULT_POLL_SECONDS = 0.5
+DEFAULT_POLL_SECONDS = DEFAULT_FREEZE_POLL_SECONDS
 """How often a node reads its freeze directory (--freeze-poll-seconds)."""
-DEFAULT_HOLD_SECONDS = 300.0
+DEFAULT_HOLD_SECONDS = DEFAULT_FREEZE_HOLD_SECONDS
 """How long a node may keep a filesystem frozen for one request (--freeze-hold-seconds)."""
-HELD_POLL_SECONDS = 0.05
+HELD_POLL_SECONDS = FREEZE_HELD_POLL_SECONDS
 """How often a node reads its freeze directory while it holds a freeze: the writers wait
 until it sees the request withdrawn, so the pause ends soon after the copy."""
 ACK_GRACE_SECONDS = 10.0
@@ -252,12 +257,11 @@ class FreezeClient:
         node thawed before the block ended (the copy made in it is then not consistent: the
         caller discards it); FAILED_PRECONDITION when the node refuses for good."""
         ordered = sorted(targets, key=lambda t: (t.volume_id, t.node_id))
-        for t in ordered:
-            self._check_node(t)
+        polls = [self._check_node(t) for t in ordered]
         sent: list[_Sent] = []
         try:
-            for t in ordered:
-                sent.append(self._send(t))
+            for t, poll in zip(ordered, polls, strict=True):
+                sent.append(self._send(t, poll))
             self._wait(sent)
             failpoints.hit("freeze.after_ack")
             for s in sent:
@@ -269,7 +273,9 @@ class FreezeClient:
                 s.withdraw()
             self._await_thaws(sent)
 
-    def _check_node(self, t: Target) -> None:
+    def _check_node(self, t: Target) -> float:
+        """The node's freeze poll period (seconds), once its driver is seen to run and serve
+        freeze requests; UNAVAILABLE otherwise."""
         nodes = self.datastore.nodes
         what = (f"volume {t.volume_id} is attached read-write to node {t.node_id}, which alone can freeze "
                 "its filesystem for a consistent copy")
@@ -282,11 +288,14 @@ class FreezeClient:
             raise Unavailable(f"{what}, but that node's driver does not serve freeze requests (its record "
                               "has no freeze poll period: an older version?); upgrade it, or snapshot the "
                               "volume while it is detached")
+        return rec.freeze_poll
 
-    def _send(self, t: Target) -> _Sent:
+    def _send(self, t: Target, poll: float) -> _Sent:
         """Write the request through a temporary file locked before it is renamed into place,
         so that the request is never seen without its lock; the lock stays held by the
-        returned descriptor."""
+        returned descriptor. Nothing after the rename can fail: a request in place is always
+        in `sent`, and so always withdrawn. UNAVAILABLE when a controller starting up removed
+        the temporary file before it was locked (freeze.sweep: it looked abandoned)."""
         rid = f"{t.volume_id}@{uuid.uuid4().hex[:12]}"
         where = node_dir(self.datastore.root, t.node_id)
         request = FreezeRequest(rid, t.volume_id, t.node_id, t.generation, t.incarnation, self.hold_seconds,
@@ -302,14 +311,19 @@ class FreezeClient:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-            os.rename(tmp, where / f"{rid}{REQUEST}")
-            fsync_path(where, os.O_DIRECTORY)
+            try:
+                os.rename(tmp, where / f"{rid}{REQUEST}")
+            except FileNotFoundError:
+                raise Unavailable(f"the request to freeze volume {t.volume_id} was removed while it was being "
+                                  "written (a controller starting up took it for abandoned); retry") from None
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        rec = self.datastore.nodes.get(t.node_id)
-        poll = rec.freeze_poll if rec is not None else DEFAULT_POLL_SECONDS
+        try:
+            fsync_path(where, os.O_DIRECTORY)
+        except OSError as exc:  # the rename stands; the node reads it through the server anyway
+            log.warning("freeze %s: cannot fsync %s: %s", rid, where, exc)
         log.info("freeze %s: asked node %s to freeze volume %s (generation %d, hold %g s)", rid, t.node_id,
                  t.volume_id, t.generation, self.hold_seconds)
         wait = self.ack_grace + 2 * poll
@@ -426,6 +440,10 @@ class _Held:
     """time.monotonic() when the freeze began."""
     keys: ExitStack
     """The volume's in-flight key, held until the thaw."""
+    thaw_reason: str | None = None
+    """Set once a thaw was attempted and failed: the reason it was attempted with ("" when
+    the request was withdrawn); every poll tries again until it works."""
+    thaw_recorded: bool = False
 
 
 @dataclass
@@ -509,7 +527,10 @@ class FreezeServer:
             for rid in sorted(self.held):
                 path = self.dir / f"{rid}{REQUEST}"
                 locked = _request_locked(path) if rid in requests else None
-                if locked is None:
+                pending_thaw = self.held[rid].thaw_reason
+                if pending_thaw is not None:
+                    self._thaw(rid, pending_thaw)
+                elif locked is None:
                     self._thaw(rid, "")
                 elif not locked:
                     self._thaw(rid, CONTROLLER_GONE)
@@ -525,11 +546,28 @@ class FreezeServer:
                     log.info("freeze %s: removed the request, whose controller is gone", rid)
                     requests.discard(rid)
                 elif locked and rid not in acks and rid not in thawed:
-                    self._serve(rid, path)
+                    self._serve_or_refuse(rid, path)
             for rid in (acks | thawed) - requests - set(self.held):
                 for suffix in (ACK, THAWED):
                     (self.dir / f"{rid}{suffix}").unlink(missing_ok=True)
                 self._busy.discard(rid)
+
+    def _serve_or_refuse(self, rid: str, path: Path) -> None:
+        """Serve one request; one that cannot be read or checked is refused (for good when it
+        cannot be read), so that it neither stops this poll nor comes back at every poll."""
+        try:
+            self._serve(rid, path)
+        except Exception as exc:  # the next requests are served all the same
+            log.exception("freeze %s: cannot serve the request", rid)
+            if rid in self.held:
+                return  # frozen: the held entry's polls end it
+            lasting = isinstance(exc, (Internal, TypeError, ValueError))
+            try:
+                self._answer(FreezeAck(rid, rid.partition("@")[0], REFUSED, reason=f"the node could not serve "
+                                       f"the request: {exc}", lasting=lasting, at=time.time()))
+                self.stats.served[REFUSED] += 1
+            except OSError as exc2:
+                log.error("freeze %s: cannot answer the refusal either: %s", rid, exc2)
 
     def _serve(self, rid: str, path: Path) -> None:
         raw = _load(path)
@@ -564,8 +602,9 @@ class FreezeServer:
         vid = req.volume_id
         if req.node_id != self.node_id:
             return f"the request names node {req.node_id}, not this node {self.node_id}", True
-        if not (0 < req.hold_seconds < math.inf):
-            return f"hold_seconds {req.hold_seconds!r} is not a positive number", True
+        if not (0 < req.hold_seconds <= MAX_FREEZE_HOLD_SECONDS):
+            return (f"hold_seconds {req.hold_seconds!r} is not a number of seconds above 0 and at most "
+                    f"{MAX_FREEZE_HOLD_SECONDS:g}"), True
         if vid in self.fenced:
             return f"volume {vid} is not served on this node: {self.fenced[vid]}", True
         try:
@@ -608,7 +647,9 @@ class FreezeServer:
             self.stats.served[REFUSED] += 1
             log.warning("freeze %s: refused for volume %s: %s", rid, vid, exc)
             return
-        self.held[rid] = _Held(req, point, loop.device, time.monotonic(), keys)
+        # The key is the held entry's from here on: whatever fails below, the entry's polls
+        # thaw (request withdrawn or unlocked, or the hold expired) and only then let go.
+        self.held[rid] = _Held(req, point, loop.device, time.monotonic(), keys.pop_all())
         state = FROZEN if point else SYNCED
         failpoints.hit("freeze.node.after_freeze")
         try:
@@ -638,13 +679,16 @@ class FreezeServer:
         """Thaw what rid holds. Early (a reason given): the thaw record is written first, and
         then the ack is removed; if neither can be written the filesystem stays frozen and
         the next poll tries again (the datastore is then out of reach from here, and so is the
-        volume's image: its writers would wait anyway)."""
+        volume's image: its writers would wait anyway). A thaw that fails keeps the entry,
+        its in-flight key and its ack (the controller still sees it held, and the
+        frozen-volumes gauge counts it) and is tried again at every poll."""
         h = self.held[rid]
         held = time.monotonic() - h.since
         what = h.mount_point or f"{h.device} (raw block)"
-        if reason:
+        if reason and not h.thaw_recorded:
             try:
                 self._record_thaw(rid, h.request.volume_id, reason, held)
+                h.thaw_recorded = True
             except OSError as exc:
                 log.error("freeze %s: cannot record the early thaw: %s; removing the ack instead", rid, exc)
                 try:
@@ -653,14 +697,17 @@ class FreezeServer:
                     log.error("freeze %s: cannot remove the ack either (%s): %s stays frozen until the "
                               "datastore answers", rid, exc2, what)
                     return
-        del self.held[rid]
         try:
             if h.mount_point:
                 self.os.thaw(h.mount_point)
-        except CommandError as exc:
-            log.error("freeze %s: cannot thaw %s: %s", rid, h.mount_point, exc)
-        finally:
-            h.keys.close()
+        except Exception as exc:  # kept, and tried again: nothing else would ever thaw it
+            if h.thaw_reason is None:
+                log.error("freeze %s: cannot thaw %s: %s; trying again at every poll (writers to volume %s "
+                          "wait until then)", rid, h.mount_point, exc, h.request.volume_id)
+            h.thaw_reason = reason
+            return
+        del self.held[rid]
+        h.keys.close()
         if reason:
             self.stats.auto_thaws[reason] += 1
             log.warning("freeze %s: AUTO-THAW of %s (volume %s) after %.2f s: %s; recorded first, so the "
@@ -743,6 +790,8 @@ def pending(datastore: Datastore) -> list[PendingFreeze]:
                     ack = _build(FreezeAck, ack_raw)
                     state = f"refused: {ack.reason}" if ack.state == REFUSED else ack.state
             locked = _request_locked(where / f"{rid}{REQUEST}")
+            if locked is None:
+                continue  # withdrawn since the listing
             note = "" if locked else "no controller holds it: removed at that node's next poll, or a controller's start"
             out.append(PendingFreeze(node, req.volume_id, rid, state,
                                      f"{req.controller or '?'} ({'holds it' if locked else 'gone'})",
