@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ UNLABELLED = f"!{MANAGED_BY}"
 WATCH_SECONDS = 300
 """How long the API server keeps one watch open before the labeller opens the next."""
 MAX_BACKOFF_SECONDS = 30.0
+SHORT_WATCH_SECONDS = 1.0
+"""A watch that the server ends this soon with no event counts as failed for the backoff:
+an API server or proxy that closes every watch at once must not be asked in a tight loop."""
 """Longest pause between attempts while the API server keeps failing."""
 LABEL_VALUE_RE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)")
 """A Kubernetes label value (fullmatch): at most 63 characters."""
@@ -226,6 +230,9 @@ class Labeller:
         """Where the next watch starts; None: list first."""
         self._patching = False
         self._signal: int | None = None
+        self._events = 0
+        """Watch events seen, bookmarks included (a watch that brought none and ended at once
+        is paused after, see SHORT_WATCH_SECONDS)."""
 
     # -- one content --------------------------------------------------------------------------
 
@@ -282,12 +289,25 @@ class Labeller:
             before_sleep=self._log_retry,
             reraise=True,
         )
+        short = 0
         while not self.stop.is_set():
+            started, events = time.monotonic(), self._events
             try:
                 retrying(self._round)
             except ApiError:
                 if not self.stop.is_set():  # tenacity gives up only when stopped
                     raise
+            if self.stop.is_set():
+                break
+            if self._events == events and time.monotonic() - started < SHORT_WATCH_SECONDS:
+                short += 1
+                wait = min(float(2 ** (short - 1)), MAX_BACKOFF_SECONDS)
+                if short == 1 or short % 10 == 0:
+                    log.warning("Kubernetes API: the watch ended at once with no event (%d in a row); "
+                                "watching again in %.0f s", short, wait)
+                self._pause(wait)
+            else:
+                short = 0
 
     def _round(self) -> None:
         """One list (when needed) and one watch, until the server ends it."""
@@ -296,6 +316,7 @@ class Labeller:
                 self.sweep()
             assert self._resource_version is not None
             for kind, obj in self.api.watch(self._resource_version):
+                self._events += 1
                 if kind in ("ADDED", "MODIFIED"):
                     self.consider(obj)
                 version = (obj.get("metadata") or {}).get("resourceVersion")

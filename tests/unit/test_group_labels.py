@@ -437,3 +437,17 @@ def test_it_imports_nothing_of_the_csi_faces_or_the_server() -> None:
               "csi_driver.proto")
     assert not {m for m in loaded if m.startswith(beyond)}, loaded
     assert "csi_driver.volumes.store" in loaded and "csi_driver.volumes.grouprecords" in loaded
+
+
+def test_a_server_that_ends_every_watch_at_once_is_not_asked_in_a_tight_loop(
+        node_a: GroupRig, caplog: pytest.LogCaptureFixture) -> None:
+    """Watches that end at once with no event (an API server or proxy closing them) are
+    paused after, 1, 2, 4 ... s, as failures are; a watch that brings an event resets it."""
+    api = FakeContents()
+    api.watches = [[], [], [], [lambda: ("ADDED", api.put(content("one", volumes=["vol-a"])))], [], []]
+    pauses: list[float] = []
+    lab = labeller(api, node_a, "node-a", pauses)
+    lab.run()
+    assert pauses == [1.0, 2.0, 4.0, 1.0]  # the last watch ends it: stop is set, no pause
+    assert [d.name for d in lab.labelled] == ["one"]
+    assert "the watch ended at once with no event (1 in a row)" in caplog.text
