@@ -17,6 +17,7 @@ from ..host.oslayer import LoopDevice, MountEntry
 from ..host.runner import CommandError
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..settings import Settings
+from ..volumes.datastore.fencing import fence_of
 from ..volumes.datastore.records import health as datastore_health
 from ..volumes.inflight import InFlight
 from ..volumes.lifecycle import (
@@ -68,7 +69,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         as attached here (a split brain in the making), with the reason; not served."""
 
     def _check_served(self, volume_id: str) -> None:
-        reason = self.fenced.get(volume_id)
+        reason = fence_of(self.fenced, volume_id, self.volumes.store, self.os)
         if reason:
             raise FailedPrecondition(f"volume {volume_id} is not served on this node: {reason}")
 
@@ -261,12 +262,23 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.os.grow_fs(fs, loop.device, "")  # ext grows offline, before the mount
         os.makedirs(staging, exist_ok=True)
         self.os.mount(loop.device, staging, fs, options)
-        failpoints.hit("stage.after_mount")
-        if grow:
-            if fs == "xfs":
-                self.os.grow_fs(fs, loop.device, staging)  # xfs grows only while mounted
-            self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=False))
-            log.info("grew %s on %s to the image size", fs, entry.id)
+        try:
+            failpoints.hit("stage.after_mount")
+            if grow:
+                if fs == "xfs":
+                    self.os.grow_fs(fs, loop.device, staging)  # xfs grows only while mounted
+                self.volumes.store.volumes.save_meta(entry, replace(entry.meta, needs_fs_grow=False))
+                log.info("grew %s on %s to the image size", fs, entry.id)
+        except BaseException:
+            # This call made the mount: a failed stage takes it away again, so that the
+            # caller can detach the device (and, shared mode, let go of the image's lock).
+            # The error is final to kubelet, which then never unstages.
+            try:
+                self.os.unmount(staging)
+            except Exception as exc:  # the original error is the one to report
+                log.error("stage of %s failed after its mount at %s, which could not be taken away: %s",
+                          entry.id, staging, exc)
+            raise
 
     def NodeUnstageVolume(self, request: csi_pb2.NodeUnstageVolumeRequest,
                           context: grpc.ServicerContext) -> csi_pb2.NodeUnstageVolumeResponse:
@@ -492,8 +504,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         loop, mount = self._volume_at(volume_id, entry, path)
         usage = Usage(loop, device_mounts(self.os.mounts(), loop))
         problems = self.volumes.health(entry, usage)
-        if self.fenced.get(volume_id):
-            problems.append(f"not served on this node: {self.fenced[volume_id]}")
+        fence = fence_of(self.fenced, volume_id, self.volumes.store, self.os)
+        if fence:
+            problems.append(f"not served on this node: {fence}")
         condition = csi_pb2.VolumeCondition(abnormal=bool(problems),
                                             message="; ".join(problems) or "healthy")
         Unit = csi_pb2.VolumeUsage.Unit

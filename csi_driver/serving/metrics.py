@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..settings import parse_address
+from ..volumes.datastore.fencing import fence_of
 from ..volumes.readiness import disk_full, readiness
 from ..volumes.status import store_totals
 
@@ -73,8 +74,10 @@ class NodeCollector(Collector):
                                   "1 for each volume attached on this node that the datastore's records "
                                   "say another node holds (or that is not published here); not served.",
                                   labels=["node", "datastore", "volume"])
+        volumes = self.driver.volumes
         for volume in sorted(self.driver.fenced):
-            split.add_metric([node, name, volume], 1)
+            if volumes is not None and fence_of(self.driver.fenced, volume, volumes.store, volumes.os):
+                split.add_metric([node, name, volume], 1)
         yield split
         yield from self._freezes(node, name)
 

@@ -391,6 +391,8 @@ class Volumes:
         if loop is not None:
             if not thin:
                 self.os.disable_discard(loop.device)
+            if self.datastore is not None:
+                self._hold(entry, loop, generation)
             return loop, False
         if self.datastore is None:
             return self.os.attach_loop(entry.image, readonly=readonly, discard=thin), True
@@ -423,6 +425,17 @@ class Volumes:
             self.os.detach_loop(loop.device)
             raise
         return loop
+
+    def _hold(self, entry: Entry, loop: LoopDevice, generation: int) -> None:
+        """Shared mode, a device already attached here (an earlier stage, or one whose call
+        failed after the attach): make sure this node's holder record names it, so that
+        messages and ControllerUnpublishVolume's checks know who holds the image."""
+        assert self.datastore is not None
+        node = self.settings.node_id
+        if not any(h.node_id == node for h in self.datastore.holders.of_volume(entry.id)):
+            self.datastore.holders.put(Holder(entry.id, node, loop.readonly, generation, time.time(), loop.device))
+            log.info("recorded this node as a holder of %s (%s was attached without the record)", entry.id,
+                     loop.device)
 
     def _held_message(self, volume_id: str) -> str:
         assert self.datastore is not None

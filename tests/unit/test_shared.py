@@ -812,13 +812,109 @@ def test_stage_rereads_a_record_older_than_its_token(data: Path, monkeypatch: py
     current = att.publish("v1", "a", readonly=False, multi_node=False)
     new = att.path("v1").read_text()
     token = current.token("a")
-    att.path("v1").write_text(old)  # what a stale cache would show
-    threading.Timer(0.3, lambda: att.path("v1").write_text(new)).start()
+
+    def show(text: str) -> None:
+        """Replace the record whole, as every writer of records does (a reader never sees
+        it half-written)."""
+        tmp = att.path("v1").with_suffix(".test-tmp")
+        tmp.write_text(text)
+        os.replace(tmp, att.path("v1"))
+
+    show(old)  # what a stale cache would show
+    threading.Timer(0.3, lambda: show(new)).start()
     assert att.check_stage("v1", "a", token).generation == current.nodes["a"].generation
-    att.path("v1").write_text(old)
+    show(old)
     monkeypatch.setattr(records, "STALE_READ_SECONDS", 0.3)
     with pytest.raises(FailedPrecondition, match="serves stale files"):
         att.check_stage("v1", "a", token)
-    att.path("v1").write_text(new)
+    show(new)
     with pytest.raises(FailedPrecondition, match="stale fencing token"):
         att.check_stage("v1", "a", {**token, GENERATION_KEY: "1"})  # a genuinely old token
+
+
+def test_a_stage_that_fails_after_its_mount_leaves_nothing_and_the_image_free(
+        rigs: dict[str, SharedRig], data: Path) -> None:
+    """An xfs volume grown while unpublished grows at stage, after the mount: that failing
+    fails the stage (a final error to kubelet, which then never unstages), so the stage
+    itself takes away its mount, detaches and lets go of the image's lock; node b, given
+    the volume, stages it."""
+    from csi_driver.host.runner import CommandError
+    ctl, a, b = rigs["ctl"], rigs["a"], rigs["b"]
+    ctl.create("v1", fs="xfs")
+    a.stage("v1", ctl.publish("v1", "a", fs="xfs"), fs="xfs")  # made its filesystem
+    a.unstage("v1")
+    ctl.unpublish("v1", "a")
+    ctl.ctrl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="v1", capacity_range=csi_pb2.CapacityRange(required_bytes=512 * MIB)), CTX)
+    assert ctl.driver.volumes is not None and ctl.driver.volumes.get("v1").meta.needs_fs_grow
+
+    def broken_grow(fs: str, device: str, mount_point: str) -> None:
+        raise CommandError(["xfs_growfs", mount_point], 1, "injected")
+
+    a.os.grow_fs = broken_grow  # type: ignore[method-assign]
+    with pytest.raises(CommandError):
+        a.stage("v1", ctl.publish("v1", "a", fs="xfs"), fs="xfs")
+    assert a.os.mounts() == [] and a.os.loops == {}
+    assert image_lock(data, "v1") == imagelock.FREE
+    assert a.driver.datastore is not None and a.driver.datastore.holders.of_volume("v1") == []
+    ctl.unpublish("v1", "a")
+    b.stage("v1", ctl.publish("v1", "b", fs="xfs"), fs="xfs")  # b grows it
+    assert image_lock(data, "v1") == imagelock.EXCLUSIVE
+    b.unstage("v1")
+
+
+def test_a_fence_is_lifted_once_the_node_has_let_go_of_the_device(rigs: dict[str, SharedRig]) -> None:
+    """Unpublished from a while a's driver was down, the volume is fenced at a's start; a
+    unstages it (the device goes), and a proper publish to a is then served again."""
+    ctl, a = rigs["ctl"], rigs["a"]
+    ctl.create("v1")
+    a.stage("v1", ctl.publish("v1", "a"))
+    ctl.unpublish("v1", "a")
+    assert a.driver.datastore is not None and a.driver.store is not None
+    fences = NodeFences("a", a.driver.datastore, a.driver.store, a.os)
+    fences.recover()
+    assert set(fences.fenced) == {"v1"}
+    node = NodeService(a.settings, a.driver.volumes, a.driver.inflight, fences.fenced)  # type: ignore[arg-type]
+    a.node = node
+    token = ctl.publish("v1", "b")
+    with pytest.raises(FailedPrecondition, match="not served on this node"):
+        a.stage("v1", token)
+    a.unstage("v1")  # letting go works while fenced
+    ctl.unpublish("v1", "b")
+    a.stage("v1", ctl.publish("v1", "a"))  # served again
+    a.unstage("v1")
+    fences.release_retaken()
+
+
+def test_a_device_attached_here_without_a_holder_record_gets_one(rigs: dict[str, SharedRig], data: Path) -> None:
+    """A stage that finds the image already attached here (an earlier call that failed after
+    its attach) records this node as a holder, as a fresh attach does."""
+    ctl, a = rigs["ctl"], rigs["a"]
+    ctl.create("v1")
+    token = ctl.publish("v1", "a")
+    a.stage("v1", token)
+    ds = a.driver.datastore
+    assert ds is not None and [h.node_id for h in ds.holders.of_volume("v1")] == ["a"]
+    ds.holders.remove("v1", "a")
+    a.stage("v1", token)  # idempotent: already staged
+    a.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id="v1", staging_target_path=str(a.kubelet / "st" / "second"), volume_capability=cap_for("ext4"),
+        publish_context=token), CTX)  # a second staging path reuses the device
+    assert [h.node_id for h in ds.holders.of_volume("v1")] == ["a"]
+    a.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id="v1", staging_target_path=str(a.kubelet / "st" / "second")), CTX)
+    a.unstage("v1")
+    assert ds.holders.of_volume("v1") == []
+
+
+def test_a_single_node_publish_is_refused_beside_other_readers_even_to_one_of_them(
+        rigs: dict[str, SharedRig]) -> None:
+    """Published read-only to a and b (MULTI_NODE_READER_ONLY), a SINGLE_NODE publish to a
+    is FAILED_PRECONDITION: a is already there, but so is b."""
+    ctl = rigs["ctl"]
+    ctl.create("v1")
+    ctl.publish("v1", "a", readonly=True, mode=Mode.MULTI_NODE_READER_ONLY)
+    ctl.publish("v1", "b", readonly=True, mode=Mode.MULTI_NODE_READER_ONLY)
+    with pytest.raises(FailedPrecondition, match="one node at a time"):
+        ctl.publish("v1", "a", readonly=True, mode=Mode.SINGLE_NODE_READER_ONLY)
+    assert ctl.publish("v1", "a", readonly=True, mode=Mode.MULTI_NODE_READER_ONLY)  # still idempotent

@@ -13,7 +13,8 @@ finds its devices, since the path sysfs shows belongs to the mount namespace tha
   attachment record does not name this node, the image is attached here while the
   datastore says someone else has it: a split brain in the making. That is logged as an
   ERROR, exported (thinloop_datastore_split_brain), and the node refuses to stage, publish or
-  expand that volume (unstage and unpublish still work, to let go of it);
+  expand that volume for as long as that loop device is there (unstage and unpublish still
+  work, to let go of it; once the device is gone the fence is lifted: `fence_of`);
 - write this node's holder record where it is missing, and remove this node's holder records
   of images that are no longer attached here (after a reboot).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from ...host.oslayer import FileId, LoopDevice, OSLayer, file_id
 from ..store import IMAGE, Entry, Store
@@ -31,6 +33,21 @@ from . import imagelock
 from .records import Datastore, Holder
 
 log = logging.getLogger(__name__)
+
+
+def fence_of(fenced: Mapping[str, str], volume_id: str, store: Store, oslayer: OSLayer) -> str:
+    """Why this node does not serve `volume_id` ("" when it does): the reason recovery gave,
+    for as long as the loop device that recovery found is still attached here. Once the node
+    has let go of it (unstage, or a detach by hand), the ordinary checks of a stage (the
+    attachment's token, the image's lock) are all the volume needs, and a fence kept beyond
+    that would refuse a proper publish to this node for good."""
+    reason = fenced.get(volume_id, "")
+    if not reason:
+        return ""
+    entry = store.volumes.get(volume_id)
+    if entry is not None and oslayer.find_loop(entry.image) is not None:
+        return reason
+    return ""
 
 
 class NodeFences:

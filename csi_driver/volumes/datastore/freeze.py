@@ -92,6 +92,7 @@ from ...settings import (
 from ..inflight import InFlight
 from ..store import IMAGE, TMP_PREFIX, Store, fsync_path
 from . import imagelock
+from .fencing import fence_of
 from .records import Datastore, _build, _listdir, _load, _save
 
 log = logging.getLogger(__name__)
@@ -605,8 +606,9 @@ class FreezeServer:
         if not (0 < req.hold_seconds <= MAX_FREEZE_HOLD_SECONDS):
             return (f"hold_seconds {req.hold_seconds!r} is not a number of seconds above 0 and at most "
                     f"{MAX_FREEZE_HOLD_SECONDS:g}"), True
-        if vid in self.fenced:
-            return f"volume {vid} is not served on this node: {self.fenced[vid]}", True
+        fence = fence_of(self.fenced, vid, self.store, self.os)
+        if fence:
+            return f"volume {vid} is not served on this node: {fence}", True
         try:
             entry = self.store.volumes.get(vid)
         except InvalidArgument as exc:

@@ -479,17 +479,17 @@ class Attachments:
             if not exists():
                 raise NotFound(f"volume {volume_id} does not exist")
             current = rec.nodes.get(node_id)
-            if current is not None:
-                if current.readonly != readonly:
-                    raise AlreadyExists(
-                        f"volume {volume_id} is already published to node {node_id} "
-                        f"{'read-only' if current.readonly else 'read-write'}")
-                return False
+            if current is not None and current.readonly != readonly:
+                raise AlreadyExists(
+                    f"volume {volume_id} is already published to node {node_id} "
+                    f"{'read-only' if current.readonly else 'read-write'}")
             others = {n: a for n, a in rec.nodes.items() if n != node_id}
             if others and not multi_node:
                 raise FailedPrecondition(
                     f"volume {volume_id} is attached to {rec.describe()}; a single-node volume is "
                     "published to one node at a time (unpublish it there first)")
+            if current is not None:
+                return False  # the same node, the same mode: already published
             if others and (not readonly or any(not a.readonly for a in others.values())):
                 raise FailedPrecondition(
                     f"volume {volume_id} is attached to {rec.describe()}; several nodes may only "
