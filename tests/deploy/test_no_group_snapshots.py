@@ -5,7 +5,8 @@ There csi-snapshotter with --feature-gates=CSIVolumeGroupSnapshot=true starts no
 controller at all (single snapshots included) and the VolumeGroupSnapshotClass
 cannot be applied, so the component takes out the gate, the labeller sidecar
 and its role, csi-snapshotter's group rules and the class, and nothing else:
-what Helm's groupSnapshots.enabled=false renders.
+what Helm's groupSnapshots.enabled=false renders. The same component serves the
+shared-datastore overlays (tests/deploy/test_shared.py checks those).
 """
 
 from __future__ import annotations
@@ -115,17 +116,27 @@ def test_works_on_an_overlay(tmp_path: Path) -> None:
     check_only_group_snapshots_removed(full, objs, NODE, SNAPSHOTTER_ROLE, GONE)
 
 
-@pytest.mark.parametrize(("path", "old", "new"), [
-    # An argument added before the gate: args/4 is now that one.
-    ("base/node.yaml", "            - --node-deployment=true\n            - --timeout=120s\n",
+RULE_BEFORE_GROUP_RULES = (
+    '  - apiGroups: ["groupsnapshot.storage.k8s.io"]\n    resources: ["volumegroupsnapshotclasses"]',
+    '  - apiGroups: [""]\n    resources: ["nodes"]\n    verbs: ["get"]\n'
+    '  - apiGroups: ["groupsnapshot.storage.k8s.io"]\n    resources: ["volumegroupsnapshotclasses"]',
+)
+
+
+@pytest.mark.parametrize(("render", "path", "old", "new"), [
+    # An argument added before the gate: its position now holds that one.
+    (".", "base/node.yaml", "            - --node-deployment=true\n            - --timeout=120s\n",
      "            - --node-deployment=true\n            - --timeout=120s\n            - --retry-interval-max=5m\n"),
     # A rule added before the group rules.
-    ("base/rbac-node.yaml",
-     '  - apiGroups: ["groupsnapshot.storage.k8s.io"]\n    resources: ["volumegroupsnapshotclasses"]',
-     '  - apiGroups: [""]\n    resources: ["nodes"]\n    verbs: ["get"]\n'
-     '  - apiGroups: ["groupsnapshot.storage.k8s.io"]\n    resources: ["volumegroupsnapshotclasses"]'),
-], ids=["argument-before-the-gate", "rule-before-the-group-rules"])
-def test_a_layout_change_stops_the_render(tmp_path: Path, path: str, old: str, new: str) -> None:
+    (".", "base/rbac-node.yaml", *RULE_BEFORE_GROUP_RULES),
+    # The same in shared mode.
+    ("overlays/shared-datastore", "shared/controller.yaml",
+     "            # A snapshot is a copy of the image on the datastore.\n",
+     "            - --retry-interval-max=5m\n"),
+    ("overlays/shared-datastore", "shared/rbac-controller.yaml", *RULE_BEFORE_GROUP_RULES),
+], ids=["argument-before-the-gate", "rule-before-the-group-rules",
+        "shared-argument-before-the-gate", "shared-rule-before-the-group-rules"])
+def test_a_layout_change_stops_the_render(tmp_path: Path, render: str, path: str, old: str, new: str) -> None:
     """The JSON patches' test ops refuse to remove from a position that holds something else."""
     tree = tmp_path / "kubernetes"
     shutil.copytree(KUSTOMIZE_DIR, tree)
@@ -133,6 +144,7 @@ def test_a_layout_change_stops_the_render(tmp_path: Path, path: str, old: str, n
     text = target.read_text()
     assert text.count(old) == 1
     target.write_text(text.replace(old, new))
+    kustomize_with(tmp_path, tree / render, [])  # renders without the component
     with pytest.raises(subprocess.CalledProcessError) as failed:
-        kustomize_with(tmp_path, tree, [tree / "components" / "no-group-snapshots"])
+        kustomize_with(tmp_path, tree / render, [tree / "components" / "no-group-snapshots"])
     assert "test failed" in failed.value.stderr

@@ -218,8 +218,9 @@ def test_overlays_validate(overlay: str) -> None:
         validate(obj)
 
 
-def test_no_group_snapshots_component_validates(tmp_path: Path) -> None:
-    objs = kustomize_with(tmp_path, KUSTOMIZE_DIR, [KUSTOMIZE_DIR / "components" / "no-group-snapshots"])
+@pytest.mark.parametrize("resource", [".", "overlays/microk8s", *(f"overlays/{o}" for o in SHARED_OVERLAYS)])
+def test_no_group_snapshots_component_validates(tmp_path: Path, resource: str) -> None:
+    objs = kustomize_with(tmp_path, KUSTOMIZE_DIR / resource, [KUSTOMIZE_DIR / "components" / "no-group-snapshots"])
     assert len(objs) >= 15
     for obj in objs:
         validate(obj)

@@ -36,16 +36,19 @@ from .manifests import (
     NAMESPACE,
     ROOT,
     SHARED_DRIVER_NAME,
+    SHARED_OVERLAYS,
     SHARED_VALUES,
     Obj,
     containers,
     find,
     kustomize,
+    kustomize_with,
     load_all,
     render_chart,
 )
 from .test_consistency import SOCKET_IN_POD, expand, flag, host_path_of, images
 from .test_helm import normalise
+from .test_no_group_snapshots import COMPONENT as NO_GROUP_SNAPSHOTS
 from .test_no_group_snapshots import check_no_group_snapshots, check_only_group_snapshots_removed
 from .test_rbac import LEASES, SNAPSHOTTER_GROUP_RULES, WATCH, Rule, Scope, expand_rule, granted, rules
 from .test_rbac import REQUIRED as NODE_LOCAL_REQUIRED
@@ -403,6 +406,23 @@ def test_group_snapshots_can_be_switched_off() -> None:
     check_rbac(off, REQUIRED_WITHOUT_GROUP_SNAPSHOTS)
     both = render_chart({"sharedDatastore": {"enabled": True}, "groupSnapshots": {"enabled": False}})
     check_no_group_snapshots(both)
+
+
+@pytest.mark.parametrize("overlay", SHARED_OVERLAYS)
+def test_no_group_snapshots_component(tmp_path: Path, overlay: str) -> None:
+    """components/no-group-snapshots on the shared overlays: what the chart renders with
+    groupSnapshots.enabled=false, and nothing else removed."""
+    path = KUSTOMIZE_DIR / "overlays" / overlay
+    full, off = kustomize(path), kustomize_with(tmp_path, path, [NO_GROUP_SNAPSHOTS])
+    check_no_group_snapshots(off)
+    check_only_group_snapshots_removed(full, off, CONTROLLER, SNAPSHOTTER_ROLE, {GROUP_CLASS})
+    check_rbac(off, REQUIRED_WITHOUT_GROUP_SNAPSHOTS)
+    values = chart_values(DEFAULTS)
+    values["groupSnapshots"] = {"enabled": False}
+    if overlay == "shared-datastore-nfs":
+        values["sharedDatastore"]["controllerVolume"] = {"persistentVolumeClaim": {"claimName": "thinloop-datastore"}}
+    want = normalise([o for o in off if o["kind"] not in {"Namespace", "PersistentVolume", "PersistentVolumeClaim"}])
+    assert normalise(render_chart(values)) == want
 
 
 def test_rbac_check_catches_mistakes(shared: list[Obj]) -> None:
