@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,17 @@ def kustomize(path: Path) -> list[Obj]:
     out = subprocess.run([kubectl, "kustomize", str(path)], check=True,
                          capture_output=True, text=True, timeout=120)
     return load_all(out.stdout)
+
+
+def kustomize_with(tmp_path: Path, resource: Path, components: list[Path]) -> list[Obj]:
+    """RESOURCE with COMPONENTS, through an overlay of one's own as the docs show it."""
+    overlay = Path(tempfile.mkdtemp(prefix="overlay-", dir=tmp_path))
+    # kustomize takes relative paths only.
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(resource, overlay)],
+        "components": [os.path.relpath(c, overlay) for c in components]}))
+    return kustomize(overlay)
 
 
 def render_chart(values: dict[str, Any] | None = None) -> list[Obj]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +23,7 @@ from .manifests import (
     find,
     iter_files,
     kustomize,
+    kustomize_with,
     load_all,
 )
 
@@ -386,13 +386,7 @@ def test_data_dir_mount_needs_no_shared_root(base: list[Obj], chart: list[Obj]) 
 
 
 def test_default_storage_class_component(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(KUSTOMIZE_DIR, overlay)],  # kustomize takes relative paths only
-        "components": [os.path.relpath(KUSTOMIZE_DIR / "components" / "default-storageclass", overlay)]}))
-    objs = kustomize(overlay)
+    objs = kustomize_with(tmp_path, KUSTOMIZE_DIR, [KUSTOMIZE_DIR / "components" / "default-storageclass"])
     marked = {o["metadata"]["name"]: o["metadata"].get("annotations", {}) for o in objs if o["kind"] == "StorageClass"}
     assert marked["thinloop"] == {"storageclass.kubernetes.io/is-default-class": "true"}
     assert [n for n, a in marked.items() if a] == ["thinloop"]

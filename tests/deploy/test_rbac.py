@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .manifests import NAMESPACE, Obj, containers, find
+from .manifests import NAMESPACE, Obj, containers, find, render_chart
 
 Rule = tuple[str, str, str]  # (apiGroup, resource, verb)
 Scope = str  # "cluster" or "namespace"
@@ -33,6 +33,15 @@ LEASES = ("get", "list", "watch", "create", "update", "delete")
 def rules(group: str, resource: str, verbs: tuple[str, ...] | list[str]) -> set[Rule]:
     return {(group, resource, v) for v in verbs}
 
+
+# csi-snapshotter's rules for volume group snapshots (--feature-gates=CSIVolumeGroupSnapshot=true):
+# in both modes, and in neither with group snapshots off (Helm groupSnapshots.enabled=false,
+# components/no-group-snapshots).
+SNAPSHOTTER_GROUP_RULES: set[Rule] = (
+    rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", WATCH)
+    | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", ("get", "list", "watch", "update", "patch"))
+    | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", ("update", "patch"))
+)
 
 REQUIRED: dict[str, dict[Scope, set[Rule]]] = {
     "csi-provisioner": {
@@ -60,10 +69,7 @@ REQUIRED: dict[str, dict[Scope, set[Rule]]] = {
             | rules("snapshot.storage.k8s.io", "volumesnapshotclasses", WATCH)
             | rules("snapshot.storage.k8s.io", "volumesnapshotcontents", ("get", "list", "watch", "update", "patch"))
             | rules("snapshot.storage.k8s.io", "volumesnapshotcontents/status", ("update", "patch"))
-            | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", WATCH)
-            | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents",
-                    ("get", "list", "watch", "update", "patch"))
-            | rules("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", ("update", "patch"))
+            | SNAPSHOTTER_GROUP_RULES
         ),
         "namespace": set(),
     },
@@ -86,6 +92,14 @@ REQUIRED: dict[str, dict[Scope, set[Rule]]] = {
     "liveness-probe": {"cluster": set(), "namespace": set()},
 }
 LABELLER_ROLE = "thinloop-group-snapshot-labeller"
+
+
+def without_group_snapshots(required: dict[str, dict[Scope, set[Rule]]]) -> dict[str, dict[Scope, set[Rule]]]:
+    """REQUIRED as it is with group snapshots off: no labeller, and csi-snapshotter without its
+    groupsnapshot.storage.k8s.io rules."""
+    out = {name: dict(scopes) for name, scopes in required.items() if name != "group-snapshot-labeller"}
+    out["csi-snapshotter"]["cluster"] = required["csi-snapshotter"]["cluster"] - SNAPSHOTTER_GROUP_RULES
+    return out
 
 
 def expand_rule(rule: Obj) -> set[Rule]:
@@ -127,16 +141,16 @@ def sidecar_accounts(objs: list[Obj]) -> dict[str, str]:
     return out
 
 
-def check(objs: list[Obj]) -> None:
+def check(objs: list[Obj], required: dict[str, dict[Scope, set[Rule]]] = REQUIRED) -> None:
     accounts = sidecar_accounts(objs)
-    assert set(accounts) == set(REQUIRED)
+    assert set(accounts) == set(required)
     need_by_sa: dict[str, dict[Scope, set[Rule]]] = defaultdict(lambda: defaultdict(set))
     for sidecar, sa in accounts.items():
         have = granted(objs, sa)
         for scope in ("cluster", "namespace"):
-            missing = REQUIRED[sidecar][scope] - have[scope]
+            missing = required[sidecar][scope] - have[scope]
             assert not missing, f"{sidecar} ({sa}) lacks {scope} rules {sorted(missing)}"
-            need_by_sa[sa][scope] |= REQUIRED[sidecar][scope]
+            need_by_sa[sa][scope] |= required[sidecar][scope]
     # Least privilege: an account holds only what its sidecars need.
     for sa, need in need_by_sa.items():
         have = granted(objs, sa)
@@ -151,6 +165,11 @@ def test_rbac_kustomize(base: list[Obj]) -> None:
 
 def test_rbac_helm(chart: list[Obj]) -> None:
     check(chart)
+
+
+def test_rbac_helm_without_group_snapshots() -> None:
+    """groupSnapshots.enabled=false takes the group rules and the labeller's role with it."""
+    check(render_chart({"groupSnapshots": {"enabled": False}}), without_group_snapshots(REQUIRED))
 
 
 def test_no_wildcards(base: list[Obj], chart: list[Obj]) -> None:

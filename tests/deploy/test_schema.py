@@ -9,6 +9,7 @@ structural schemas below, written from the fields the CRDs define.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -22,6 +23,7 @@ from .manifests import (
     Obj,
     iter_files,
     kustomize,
+    kustomize_with,
     load_all,
 )
 
@@ -213,6 +215,14 @@ def test_kustomize_base_validates(base: list[Obj]) -> None:
 @pytest.mark.parametrize("overlay", ["microk8s", "k0s", *SHARED_OVERLAYS])
 def test_overlays_validate(overlay: str) -> None:
     for obj in kustomize(KUSTOMIZE_DIR / "overlays" / overlay):
+        validate(obj)
+
+
+@pytest.mark.parametrize("resource", [".", "overlays/microk8s", *(f"overlays/{o}" for o in SHARED_OVERLAYS)])
+def test_no_group_snapshots_component_validates(tmp_path: Path, resource: str) -> None:
+    objs = kustomize_with(tmp_path, KUSTOMIZE_DIR / resource, [KUSTOMIZE_DIR / "components" / "no-group-snapshots"])
+    assert len(objs) >= 15
+    for obj in objs:
         validate(obj)
 
 

@@ -9,7 +9,8 @@ each sidecar's published RBAC: deploy/kubernetes/rbac.yaml of
 external-provisioner v6.3.0, external-attacher v4.12.0 and external-resizer
 v2.2.1, deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml of
 external-snapshotter v8.6.0; every sidecar here elects a leader (leases), none
-tracks capacity, and group snapshots are off.
+tracks capacity, and csi-snapshotter has volume group snapshots on (their gate,
+rules and class), as in node-local mode but with no labeller: it is central.
 """
 
 from __future__ import annotations
@@ -35,17 +36,21 @@ from .manifests import (
     NAMESPACE,
     ROOT,
     SHARED_DRIVER_NAME,
+    SHARED_OVERLAYS,
     SHARED_VALUES,
     Obj,
     containers,
     find,
     kustomize,
+    kustomize_with,
     load_all,
     render_chart,
 )
 from .test_consistency import SOCKET_IN_POD, expand, flag, host_path_of, images
 from .test_helm import normalise
-from .test_rbac import EVENTS, LEASES, WATCH, Rule, Scope, expand_rule, granted, rules
+from .test_no_group_snapshots import COMPONENT as NO_GROUP_SNAPSHOTS
+from .test_no_group_snapshots import check_no_group_snapshots, check_only_group_snapshots_removed
+from .test_rbac import LEASES, SNAPSHOTTER_GROUP_RULES, WATCH, Rule, Scope, expand_rule, granted, rules
 from .test_rbac import REQUIRED as NODE_LOCAL_REQUIRED
 
 DEFAULTS = {"name": "datastore1", "root": "/mnt/thinloop", "kubelet": "/var/lib/kubelet"}
@@ -74,17 +79,15 @@ REQUIRED: dict[str, set[Rule]] = {
         | rules("storage.k8s.io", "volumeattachments", ("get", "list", "watch", "patch"))
         | rules("storage.k8s.io", "volumeattachments/status", ("patch",))
     ),
-    # Written out rather than taken from test_rbac: group snapshots are off
-    # here, whatever the node-local snapshotter is given.
-    "csi-snapshotter": (
-        rules("", "events", EVENTS)
-        | rules("snapshot.storage.k8s.io", "volumesnapshotclasses", WATCH)
-        | rules("snapshot.storage.k8s.io", "volumesnapshotcontents", ("get", "list", "watch", "update", "patch"))
-        | rules("snapshot.storage.k8s.io", "volumesnapshotcontents/status", ("update", "patch"))
-    ),
+    # Group snapshots included, as in node-local mode.
+    "csi-snapshotter": NODE_LOCAL_REQUIRED["csi-snapshotter"]["cluster"],
     "node-driver-registrar": set(),
     "liveness-probe": set(),
 }
+# With groupSnapshots.enabled=false or components/no-group-snapshots.
+REQUIRED_WITHOUT_GROUP_SNAPSHOTS = {**REQUIRED, "csi-snapshotter": REQUIRED["csi-snapshotter"] - SNAPSHOTTER_GROUP_RULES}
+GROUP_CLASS = ("VolumeGroupSnapshotClass", "thinloop-shared-groupsnapclass")
+SNAPSHOTTER_ROLE = ("ClusterRole", "thinloop-shared-external-snapshotter")
 
 
 def renderings(shared: list[Obj], shared_chart: list[Obj]) -> list[tuple[str, list[Obj]]]:
@@ -192,6 +195,7 @@ def test_objects(shared: list[Obj], shared_chart: list[Obj]) -> None:
         ("Role", "thinloop-shared-leader-election"), ("RoleBinding", "thinloop-shared-leader-election"),
         CONTROLLER, ("PodDisruptionBudget", "thinloop-shared-controller"), NODE,
         *(("StorageClass", c) for c in CLASSES), ("VolumeSnapshotClass", "thinloop-shared-snapclass"),
+        GROUP_CLASS,
     }
     assert {(o["kind"], o["metadata"]["name"]) for o in shared} == want | {("Namespace", NAMESPACE)}
     assert {(o["kind"], o["metadata"]["name"]) for o in shared_chart} == want
@@ -235,6 +239,7 @@ def test_driver_name_everywhere(shared: list[Obj], shared_chart: list[Obj]) -> N
         assert {c["metadata"]["name"] for c in classes} == set(CLASSES)
         assert all(c["provisioner"] == SHARED_DRIVER_NAME for c in classes)
         assert find(objs, "VolumeSnapshotClass")["driver"] == SHARED_DRIVER_NAME
+        assert find(objs, *GROUP_CLASS)["driver"] == SHARED_DRIVER_NAME
         for kind, wname in (CONTROLLER, NODE):
             assert flag(containers(find(objs, kind, wname))["thinloop"], "--driver-name") == SHARED_DRIVER_NAME
         pod = find(objs, *NODE)["spec"]["template"]["spec"]
@@ -290,8 +295,8 @@ def test_storage_classes(shared: list[Obj]) -> None:
         assert obj["allowVolumeExpansion"] is True, name
         assert obj["reclaimPolicy"] == ("Retain" if name.endswith("-retain") else "Delete"), name
         assert obj["parameters"] == {"csi.storage.k8s.io/fstype": "ext4", "diskformat": CLASSES[name]}, name
-    snap = find(shared, "VolumeSnapshotClass")
-    assert snap["deletionPolicy"] == "Delete"
+    assert find(shared, "VolumeSnapshotClass")["deletionPolicy"] == "Delete"
+    assert find(shared, *GROUP_CLASS)["deletionPolicy"] == "Delete"
 
 
 def test_workloads_and_sidecar_flags(shared: list[Obj], shared_chart: list[Obj]) -> None:
@@ -321,6 +326,9 @@ def test_workloads_and_sidecar_flags(shared: list[Obj], shared_chart: list[Obj])
             assert flag(prov, absent) is None, absent
         assert flag(prov, "--strict-topology") == "" and flag(prov, "--extra-create-metadata") == ""
         assert flag(ctrl["csi-snapshotter"], "--node-deployment") is None
+        # Group snapshots; central, so it takes up every content and needs no labeller.
+        assert flag(ctrl["csi-snapshotter"], "--feature-gates") == "CSIVolumeGroupSnapshot=true"
+        assert "group-snapshot-labeller" not in ctrl
         ports: set[int] = set()
         for cname in CONTROLLER_SIDECARS - {"liveness-probe"}:
             c = ctrl[cname]
@@ -350,7 +358,7 @@ def test_images_pinned_like_node_local(base: list[Obj], chart: list[Obj], shared
     assert images(shared_chart) == {**images(chart), **attacher}
 
 
-def check_rbac(objs: list[Obj]) -> None:
+def check_rbac(objs: list[Obj], required: dict[str, set[Rule]] = REQUIRED) -> None:
     need: dict[str, dict[Scope, set[Rule]]] = defaultdict(lambda: defaultdict(set))
     for kind, wname in (CONTROLLER, NODE):
         workload = find(objs, kind, wname)
@@ -359,7 +367,7 @@ def check_rbac(objs: list[Obj]) -> None:
         for cname, c in containers(workload).items():
             if cname == "thinloop":
                 continue
-            need[sa]["cluster"] |= REQUIRED[cname]
+            need[sa]["cluster"] |= required[cname]
             if flag(c, "--leader-election") == "true":
                 need[sa]["namespace"] |= rules("coordination.k8s.io", "leases", LEASES)
     for sa, scopes in need.items():
@@ -386,6 +394,35 @@ def check_rbac(objs: list[Obj]) -> None:
 def test_rbac(shared: list[Obj], shared_chart: list[Obj]) -> None:
     for _, objs in renderings(shared, shared_chart):
         check_rbac(objs)
+
+
+def test_group_snapshots_can_be_switched_off() -> None:
+    """groupSnapshots.enabled=false applies to this driver too: no gate, no rules, no class,
+    and nothing else changed; alone or next to the node-local driver."""
+    off_values = {**SHARED_VALUES, "groupSnapshots": {"enabled": False}}
+    on, off = render_chart(SHARED_VALUES), render_chart(off_values)
+    check_no_group_snapshots(off)
+    check_only_group_snapshots_removed(on, off, CONTROLLER, SNAPSHOTTER_ROLE, {GROUP_CLASS})
+    check_rbac(off, REQUIRED_WITHOUT_GROUP_SNAPSHOTS)
+    both = render_chart({"sharedDatastore": {"enabled": True}, "groupSnapshots": {"enabled": False}})
+    check_no_group_snapshots(both)
+
+
+@pytest.mark.parametrize("overlay", SHARED_OVERLAYS)
+def test_no_group_snapshots_component(tmp_path: Path, overlay: str) -> None:
+    """components/no-group-snapshots on the shared overlays: what the chart renders with
+    groupSnapshots.enabled=false, and nothing else removed."""
+    path = KUSTOMIZE_DIR / "overlays" / overlay
+    full, off = kustomize(path), kustomize_with(tmp_path, path, [NO_GROUP_SNAPSHOTS])
+    check_no_group_snapshots(off)
+    check_only_group_snapshots_removed(full, off, CONTROLLER, SNAPSHOTTER_ROLE, {GROUP_CLASS})
+    check_rbac(off, REQUIRED_WITHOUT_GROUP_SNAPSHOTS)
+    values = chart_values(DEFAULTS)
+    values["groupSnapshots"] = {"enabled": False}
+    if overlay == "shared-datastore-nfs":
+        values["sharedDatastore"]["controllerVolume"] = {"persistentVolumeClaim": {"claimName": "thinloop-datastore"}}
+    want = normalise([o for o in off if o["kind"] not in {"Namespace", "PersistentVolume", "PersistentVolumeClaim"}])
+    assert normalise(render_chart(values)) == want
 
 
 def test_rbac_check_catches_mistakes(shared: list[Obj]) -> None:
