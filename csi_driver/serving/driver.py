@@ -156,7 +156,7 @@ class Driver:
             return [*swept, "unfinished work on the datastore left to a controller that starts alone: "
                     "another controller is running"]
         try:
-            return swept + self.recover_unfinished()
+            return swept + self.datastore.sweep_attachment_temp_files() + self.recover_unfinished()
         finally:
             lock.back_to_shared()
 
@@ -180,7 +180,8 @@ class Driver:
                             freeze_poll=self.settings.freeze_poll_seconds)
         self.heartbeat = Heartbeat(self.datastore.nodes, record)
         self.heartbeat.register()
-        return [f"registered node {self.settings.node_id} in datastore {self.settings.datastore}"]
+        swept = self.datastore.sweep_node_temp_files(self.settings.node_id)  # its lock is held now
+        return [f"registered node {self.settings.node_id} in datastore {self.settings.datastore}", *swept]
 
     def recover_freezes(self) -> list[str]:
         """The freeze server of this node (csi_driver.volumes.datastore.freeze), and the

@@ -918,3 +918,33 @@ def test_a_single_node_publish_is_refused_beside_other_readers_even_to_one_of_th
     with pytest.raises(FailedPrecondition, match="one node at a time"):
         ctl.publish("v1", "a", readonly=True, mode=Mode.SINGLE_NODE_READER_ONLY)
     assert ctl.publish("v1", "a", readonly=True, mode=Mode.MULTI_NODE_READER_ONLY)  # still idempotent
+
+
+def test_temporary_files_of_records_left_by_a_crash_are_removed_by_their_writers(
+        tmp_path: Path, data: Path) -> None:
+    """A crash between the write and the rename of a record leaves `.tmp-<record>.<hex>`. A
+    node's start removes those of its own records (node record, holder records) and no one
+    else's; a controller that starts alone removes those of attachment records."""
+    datastore_at(data)
+    leftovers = {"nodes": [".tmp-a.json.0123abcd", ".tmp-b.json.0123abcd"],
+                 "holders": [".tmp-v1@a.json.0123abcd", ".tmp-v1@b.json.0123abcd"],
+                 "attachments": [".tmp-v1.json.0123abcd"]}
+    for where, names in leftovers.items():
+        (data / where).mkdir(exist_ok=True)
+        for n in names:
+            (data / where / n).write_text("{")
+
+    def left(where: str) -> list[str]:
+        return sorted(n for n in os.listdir(data / where) if n.startswith(".tmp-"))
+
+    a = SharedRig(tmp_path, data, "a", mode="node")
+    try:
+        assert left("nodes") == [".tmp-b.json.0123abcd"]
+        assert left("holders") == [".tmp-v1@b.json.0123abcd"]
+        assert left("attachments") == [".tmp-v1.json.0123abcd"]  # not a node's to remove
+        ctl = SharedRig(tmp_path, data, "ctl", mode="controller")
+        ctl.close()
+        assert left("attachments") == []
+        assert left("nodes") == [".tmp-b.json.0123abcd"]
+    finally:
+        a.close()

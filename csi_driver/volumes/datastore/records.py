@@ -638,11 +638,55 @@ class Datastore:
         nodes = NodeRegistry(root)
         return cls(name, root, nodes, Attachments(root, nodes), Holders(root))
 
+    def sweep_node_temp_files(self, node_id: str) -> list[str]:
+        """A node's start-up, its node-id lock held: remove the temporary files of its own
+        records (its node record, its holder records) that a crash left between write and
+        rename. Nothing else writes them, and this driver writes none before it serves."""
+        found = _temp_files(self.nodes.root, lambda name: name == f"{node_id}.json")
+        found += _temp_files(self.holders.root, lambda name: name.endswith(f"@{node_id}.json"))
+        return _remove_temp(found)
+
+    def sweep_attachment_temp_files(self) -> list[str]:
+        """A controller that starts alone: remove the temporary files of attachment records
+        a crash left between write and rename, each under its record's lock (which every
+        writer of the record holds while it writes: an operator's `datastore release` too)."""
+        done = []
+        for path, name in _temp_files(self.attachments.root, lambda name: name.endswith(".json")):
+            with self.attachments.hold(name[:-len(".json")]):
+                done += _remove_temp([(path, name)])
+        return done
+
     def forget_volume(self, volume_id: str) -> None:
         """After DeleteVolume: its attachment record and any holder records."""
         self.attachments.remove(volume_id)
         for h in self.holders.of_volume(volume_id):
             self.holders.remove(volume_id, h.node_id)
+
+
+def _temp_files(root: Path, wanted: Callable[[str], bool]) -> list[tuple[Path, str]]:
+    """Temporary files of write_atomic in root (`.tmp-<record name>.<hex>`) whose record
+    name `wanted` accepts, with that name."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in sorted(names):
+        record, dot, suffix = n.removeprefix(TMP_PREFIX).rpartition(".")
+        if n.startswith(TMP_PREFIX) and dot and len(suffix) == 8 and wanted(record):
+            out.append((root / n, record))
+    return out
+
+
+def _remove_temp(found: list[tuple[Path, str]]) -> list[str]:
+    done = []
+    for path, record in found:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        done.append(f"removed {path.parent.name}/{path.name}, a write of {record} that a crash left unfinished")
+    return done
 
 
 def health(data_dir: Path, name: str) -> str:
