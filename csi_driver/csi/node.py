@@ -331,7 +331,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self._publish_ephemeral(volume_id, request, target, readonly)
                 return csi_pb2.NodePublishVolumeResponse()
             entry = self.volumes.get(volume_id)
-            self._check_served(volume_id)
+            # Shared mode: the attachment must still be this node's, with the token kubelet
+            # passes to every node call (the volume may have been published elsewhere since
+            # it was staged here). Node-local mode: nothing to check.
+            self._check_attachment(volume_id, request.publish_context, readonly)
             loop = self.os.find_loop(entry.image)
             if loop is None:
                 raise FailedPrecondition(f"volume {volume_id} is not staged: NodeStageVolume first")

@@ -148,7 +148,7 @@ def test_probe_of_this_glusterfs(cluster: Cluster) -> None:
     """O_DIRECT, sparse files and locks across clients work; reflink does not (snapshots
     are sparse copies). What fallocate and hole punching do is reported as found."""
     a, b = cluster.data("a"), cluster.data("b")
-    a.mkdir()
+    cluster.init("a")
     peer = Heartbeat(NodeRegistry(a), NodeRecord("peer", DATASTORE, interval=5))
     peer.register()
     try:

@@ -38,8 +38,10 @@ from csi_driver.volumes.datastore.records import (
     ATTACHMENT_KEY,
     GENERATION_KEY,
     Attachments,
+    Datastore,
     DatastoreError,
     Heartbeat,
+    Holder,
     NodeRecord,
     NodeRegistry,
     check_marker,
@@ -271,7 +273,7 @@ def test_two_drivers_with_one_node_id_the_second_is_refused(tmp_path: Path, data
 
 
 def test_heartbeat_rewrites_the_record_and_the_lock_is_visible(data: Path) -> None:
-    data.mkdir()
+    datastore_at(data)
     reg = NodeRegistry(data)
     hb = Heartbeat(reg, NodeRecord("n1", "ds1", interval=0.05))
     hb.register()
@@ -561,7 +563,7 @@ def test_node_local_driver_does_not_attach(tmp_path: Path) -> None:
 def test_racing_controllers_exactly_one_wins(data: Path) -> None:
     """Two controllers (separate record stores, separate opens of the lock file) publish
     one volume to two nodes at once, many times: exactly one wins each round."""
-    data.mkdir()
+    datastore_at(data)
     reg = NodeRegistry(data)
     for n in ("a", "b"):
         reg.write(NodeRecord(n, "ds1"))
@@ -693,6 +695,7 @@ def test_probe_finds_what_a_local_filesystem_does(tmp_path: Path) -> None:
 
 
 def test_locks_across_clients_judged_on_live_peers(tmp_path: Path) -> None:
+    datastore_at(tmp_path)
     reg = NodeRegistry(tmp_path)
     live = Heartbeat(reg, NodeRecord("peer", "ds1", interval=5))
     live.register()
@@ -803,7 +806,7 @@ def test_stage_rereads_a_record_older_than_its_token(data: Path, monkeypatch: py
     """A node whose client still shows an older attachment record (seen on GlusterFS with
     its default caching) reads again rather than calling a current token stale."""
     from csi_driver.volumes.datastore import records
-    data.mkdir()
+    datastore_at(data)
     NodeRegistry(data).write(NodeRecord("a", "ds1"))
     att = Attachments(data, NodeRegistry(data))
     att.publish("v1", "a", readonly=False, multi_node=False)
@@ -948,3 +951,53 @@ def test_temporary_files_of_records_left_by_a_crash_are_removed_by_their_writers
         assert left("nodes") == [".tmp-b.json.0123abcd"]
     finally:
         a.close()
+
+
+def test_nothing_is_written_to_the_host_s_disk_while_the_datastore_is_not_mounted(data: Path) -> None:
+    """The heartbeat (and every record writer) makes the datastore's directories only
+    beside its marker: with the datastore unmounted from under the data dir (a bare mount
+    point left, or no data dir at all), a beat fails and creates nothing."""
+    datastore_at(data)
+    beat = Heartbeat(NodeRegistry(data), NodeRecord("a", "ds1", interval=5))
+    beat.register()
+    try:
+        os.rename(data, data.with_name("away"))  # "unmounted": a bare mount point is left
+        data.mkdir()
+        with pytest.raises(FileNotFoundError, match="datastore is not mounted"):
+            beat.beat()
+        with pytest.raises(FileNotFoundError):
+            Datastore.open("ds1", data).holders.put(Holder("v1", "a"))
+        assert list(data.iterdir()) == []
+        data.rmdir()  # a data dir below the mount point: gone with it
+        with pytest.raises(FileNotFoundError):
+            beat.beat()
+        assert not data.exists()
+        os.rename(data.with_name("away"), data)  # mounted again
+        beat.beat()
+    finally:
+        beat.stop()
+
+
+def test_publish_checks_the_attachment_as_stage_does(rigs: dict[str, SharedRig]) -> None:
+    """Staged on a, then unpublished from a and published to b (a's node call not made, as
+    after a node's loss): a NodePublishVolume on a with its old token is refused, like a
+    stage would be, so no new mount of the volume appears on a."""
+    ctl, a = rigs["ctl"], rigs["a"]
+    ctl.create("v1")
+    token = ctl.publish("v1", "a")
+    a.stage("v1", token)
+
+    def publish(target: str, context: dict[str, str]) -> None:
+        a.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id="v1", staging_target_path=a.staging("v1"), target_path=str(a.kubelet / "pods" / target),
+            volume_capability=cap_for("ext4"), publish_context=context), CTX)
+
+    publish("p1", token)
+    with pytest.raises(FailedPrecondition, match="stale fencing token"):
+        publish("p2", {**token, GENERATION_KEY: "0"})
+    ctl.unpublish("v1", "a")
+    ctl.publish("v1", "b")
+    before = a.os.mounts()
+    with pytest.raises(FailedPrecondition, match="not published to node a"):
+        publish("p3", token)
+    assert a.os.mounts() == before

@@ -93,7 +93,7 @@ from ..inflight import InFlight
 from ..store import IMAGE, TMP_PREFIX, Store, fsync_path
 from . import imagelock
 from .fencing import fence_of
-from .records import Datastore, _build, _listdir, _load, _save
+from .records import Datastore, _build, _listdir, _load, _save, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,8 @@ class FreezeClient:
         request = FreezeRequest(rid, t.volume_id, t.node_id, t.generation, t.incarnation, self.hold_seconds,
                                 time.time(), self.whoami)
         data = json.dumps(asdict(request), sort_keys=True, indent=1).encode()
-        where.mkdir(parents=True, exist_ok=True)
+        ensure_dir(where.parent)
+        where.mkdir(exist_ok=True)
         tmp = where / f"{TMP_PREFIX}{rid}{REQUEST}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

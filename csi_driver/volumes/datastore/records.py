@@ -105,6 +105,21 @@ def _save(path: Path, record: object) -> None:
     write_atomic(path, json.dumps(asdict(record), sort_keys=True, indent=1))  # type: ignore[call-overload]
 
 
+def ensure_dir(path: Path) -> None:
+    """Make `path`, a directory of the datastore's top level (nodes/, attachments/, holders/,
+    freeze/), when missing, and only while the datastore is mounted: its marker must be
+    beside it. With the datastore gone from under the data dir (unmounted, its client
+    restarted), nothing is written to the host's own disk: FileNotFoundError (an OSError,
+    which the heartbeat logs and a call reports)."""
+    if path.is_dir():
+        return
+    marker = path.parent / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"the datastore is not mounted there ({marker} is missing)",
+                                str(path))
+    path.mkdir(exist_ok=True)
+
+
 def valid_node_id(node_id: str) -> bool:
     """Node ids become file names here: what --node-id accepts (csi_driver.serving.flags), and not
     a name the directory listing hides."""
@@ -288,7 +303,7 @@ class NodeRegistry:
         return _every(self.root, self.get)
 
     def write(self, record: NodeRecord) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root)
         _save(self.record_path(record.node_id), record)
 
     def claim(self, node_id: str) -> DataDirLock:
@@ -297,7 +312,7 @@ class NodeRegistry:
         driver and the worker processes it forks). Two drivers with one node id would both
         think they own that node's attachments: the second one is refused, naming the
         first (DatastoreError)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root)
         lock = DataDirLock(self.lock_path(node_id))
         try:
             # A driver restarted right after a crash may find the old one's forked workers
@@ -442,7 +457,7 @@ class Attachments:
     def hold(self, volume_id: str, *extra_keys: str) -> Iterator[None]:
         """The volume's record lock (and extra keys'), across every host of the datastore,
         for a read-modify-write; ABORTED after lock_timeout seconds of waiting."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root)
         try:
             with imagelock.keys_locked(self.root / ".lock", [f"vol:{volume_id}", *extra_keys],
                                        self.lock_timeout):
@@ -559,7 +574,7 @@ class Attachments:
                 "ControllerPublishVolume to this node comes first")
         if not given:
             raise FailedPrecondition(
-                f"NodeStageVolume for {volume_id} carries no {GENERATION_KEY} in publish_context: "
+                f"the node call for {volume_id} carries no {GENERATION_KEY} in publish_context: "
                 "pass what ControllerPublishVolume returned")
         if given != str(mine.generation) or publish_context.get(ATTACHMENT_KEY, "") != rec.incarnation:
             raise FailedPrecondition(
@@ -590,7 +605,7 @@ class Holders:
         return self.root / f"{volume_id}@{node_id}.json"
 
     def put(self, holder: Holder) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root)
         _save(self.path(holder.volume_id, holder.node_id), holder)
 
     def remove(self, volume_id: str, node_id: str) -> None:
